@@ -1,0 +1,75 @@
+"""DINOv2 (``transformers.Dinov2Model``) for the eager IPCV driver.
+
+Blocks: ``encoder.layer[i]`` = norm1 -> attention (q/k/v/o projections) -> layer_scale1 -> +res,
+norm2 -> mlp -> layer_scale2 -> +res.  One CLS token per image (protected), images are the batch.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ipcv_core import AttnContext, Branches, IPCVConfig, SegmentLayout, run_blocks, run_ipcv
+from ipcv_core.driver import DriverOutput
+
+
+def _attention_branch(layer, x_q, x_kv, ctx: AttnContext):
+    att = layer.attention
+    nq, nkv = layer.norm1(x_q), layer.norm1(x_kv)
+    B, Lq, _ = nq.shape
+    Lkv = nkv.shape[1]
+    H, hd = att.num_attention_heads, att.head_dim
+    q = att.q_proj(nq).view(B, Lq, H, hd).transpose(1, 2)
+    k = att.k_proj(nkv).view(B, Lkv, H, hd).transpose(1, 2)
+    v = att.v_proj(nkv).view(B, Lkv, H, hd).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.sdpa_mask(q.dtype), scale=att.scaling)
+    o = att.o_proj(o.transpose(1, 2).reshape(B, Lq, H * hd))
+    return layer.layer_scale1(o)
+
+
+def _ffn_branch(layer, x):
+    return layer.layer_scale2(layer.mlp(layer.norm2(x)))
+
+
+def _key_features(layer, x):
+    att = layer.attention
+    B, L, _ = x.shape
+    return att.k_proj(layer.norm1(x)).view(B, L, att.num_attention_heads, att.head_dim).mean(2)
+
+
+def dinov2_branches(model) -> List[Branches]:
+    """One :class:`ipcv_core.Branches` per ``encoder.layer[i]`` (no per-call state)."""
+    out = []
+    for layer in model.encoder.layer:
+        out.append(
+            Branches(
+                lambda xq, xkv, ctx, _l=layer: _attention_branch(_l, xq, xkv, ctx),
+                lambda x, _l=layer: _ffn_branch(_l, x),
+                lambda x, _l=layer: _key_features(_l, x),
+            )
+        )
+    return out
+
+
+def dinov2_layout(model) -> SegmentLayout:
+    return SegmentLayout.batched(protected=1 + int(getattr(model.config, "num_register_tokens", 0) or 0))
+
+
+@torch.no_grad()
+def dinov2_forward(model, pixel_values: torch.Tensor, config: IPCVConfig | None = None) -> Tuple[torch.Tensor, DriverOutput | None]:
+    """``last_hidden_state`` (after the final layernorm) with IPCV through the eager driver
+    (``config=None``: vanilla, through the same branch functions)."""
+    emb = model.embeddings(pixel_values.to(model.dtype))
+    if config is None:
+        return model.layernorm(run_blocks(emb, dinov2_branches(model))), None
+    res = run_ipcv(emb, dinov2_branches(model), config, dinov2_layout(model))
+    return model.layernorm(res.hidden_states), res
+
+
+def load_dinov2(path: str):
+    """A ``Dinov2Model`` from a local folder or a hub id (eval mode, fp32)."""
+    from transformers import Dinov2Model
+
+    return Dinov2Model.from_pretrained(path).eval()

@@ -1,0 +1,165 @@
+"""IPCV configuration, its validation, and the retain-ratio -> token-count rule.
+
+Conventions (see README "Method conventions"):
+
+* Blocks are numbered from 0.  ``H_l`` is the *input* of block ``l`` (``H_0`` = the patch embeddings).
+* ``prune_layer`` (l_p) is the block at whose input tokens are scored and removed.  The score is the
+  update made by block ``l_p - 1``: ``s_i = ||H_lp[i] - H_(lp-1)[i]||_2``.  With ``l_p = 1`` this is the
+  update of block 0 (the authors' code needs ``l_p >= 2``; ``1`` is the natural extension).
+* Attention stabilisation (AS) covers blocks ``[l_p, l_p + as_depth)``.
+* ``K = ceil(r * n)`` prunable tokens are kept per segment, computed exactly with ``r`` read as the
+  fraction ``Fraction(r).limit_denominator(10**6)`` (so ``0.7 * 10`` keeps 7, not 8), then raised to
+  ``min_keep`` and to at least 1, and capped at ``n``.  Protected tokens (e.g. CLS) are kept on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Mapping
+
+__all__ = ["IPCVConfig", "num_keep", "retain_fraction"]
+
+WEIGHTINGS = ("mean", "similarity")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class IPCVConfig:
+    """Parameters of IPCV (paper defaults: ``prune_layer=3, as_depth=7, k=10``).
+
+    Attributes:
+        retain: fraction ``r`` of prunable tokens kept per segment, ``0 < r <= 1``.
+        prune_layer: ``l_p >= 1``; must be ``< depth`` of the model.
+        as_depth: ``Δ >= 0``, number of AS blocks starting at ``l_p``; ``l_p + Δ <= depth``.
+        k: neighbours per removed token for NGR, ``k >= 1``.  A segment keeping fewer than ``k``
+            tokens uses all it keeps.
+        weighting: ``"mean"`` (the paper: 1/k each) or ``"similarity"`` (softmax of the cosine
+            similarity at ``l_p`` divided by ``similarity_temperature``; weights sum to 1).
+        similarity_temperature: temperature of ``"similarity"`` weighting, ``> 0``.
+        min_keep: minimum number of prunable tokens kept per segment, ``>= 1``.
+        reintegrate: restore removed tokens after the last block (the paper: True).  False returns
+            only the kept rows (an ablation; the output is then shorter than the input).
+    """
+
+    retain: float = 0.35
+    prune_layer: int = 3
+    as_depth: int = 7
+    k: int = 10
+    weighting: str = "mean"
+    similarity_temperature: float = 0.1
+    min_keep: int = 1
+    reintegrate: bool = True
+    # Free-form, validated by the component that reads it (variants added beyond the paper).
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        r = self.retain
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or math.isnan(float(r)) or not (0.0 < float(r) <= 1.0):
+            raise ValueError(f"IPCVConfig.retain must be a number in (0, 1], got {r!r}")
+        if not _is_int(self.prune_layer) or self.prune_layer < 1:
+            raise ValueError(f"IPCVConfig.prune_layer must be an int >= 1, got {self.prune_layer!r}")
+        if not _is_int(self.as_depth) or self.as_depth < 0:
+            raise ValueError(f"IPCVConfig.as_depth must be an int >= 0, got {self.as_depth!r}")
+        if not _is_int(self.k) or self.k < 1:
+            raise ValueError(f"IPCVConfig.k must be an int >= 1, got {self.k!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"IPCVConfig.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        t = self.similarity_temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (float(t) > 0.0) or math.isinf(float(t)):
+            raise ValueError(f"IPCVConfig.similarity_temperature must be a finite number > 0, got {t!r}")
+        if not _is_int(self.min_keep) or self.min_keep < 1:
+            raise ValueError(f"IPCVConfig.min_keep must be an int >= 1, got {self.min_keep!r}")
+        if not isinstance(self.reintegrate, bool):
+            raise ValueError(f"IPCVConfig.reintegrate must be a bool, got {self.reintegrate!r}")
+        object.__setattr__(self, "retain", float(r))
+        object.__setattr__(self, "extras", dict(self.extras))
+
+    # ------------------------------------------------------------------ model-dependent validation
+    def validate_depth(self, depth: int) -> None:
+        """Check the layer indices against a model with ``depth`` blocks (raises ValueError)."""
+        if not _is_int(depth) or depth < 2:
+            raise ValueError(f"model depth must be an int >= 2 for IPCV, got {depth!r}")
+        if self.prune_layer >= depth:
+            raise ValueError(
+                f"IPCVConfig.prune_layer must be in [1, depth-1] = [1, {depth - 1}] for this model "
+                f"(depth {depth}), got {self.prune_layer}"
+            )
+        if self.prune_layer + self.as_depth > depth:
+            raise ValueError(
+                f"IPCVConfig.as_depth must be in [0, depth - prune_layer] = [0, {depth - self.prune_layer}] "
+                f"for this model (depth {depth}, prune_layer {self.prune_layer}), got {self.as_depth}"
+            )
+
+    @property
+    def as_end(self) -> int:
+        """First block after the AS range (``l_p + Δ``)."""
+        return self.prune_layer + self.as_depth
+
+    def replace(self, **changes: Any) -> "IPCVConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["extras"] = dict(self.extras)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "IPCVConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown IPCVConfig field(s) {sorted(unknown)}; allowed: {sorted(names)}")
+        return cls(**dict(d))
+
+    def to_json(self, path: str | None = None) -> str:
+        s = json.dumps({"ipcv_config": self.to_dict()}, indent=2, sort_keys=True)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(s + "\n")
+        return s
+
+    @classmethod
+    def from_json(cls, path_or_text: str) -> "IPCVConfig":
+        text = path_or_text
+        if not path_or_text.lstrip().startswith("{"):
+            with open(path_or_text) as f:
+                text = f.read()
+        d = json.loads(text)
+        return cls.from_dict(d.get("ipcv_config", d))
+
+
+def retain_fraction(retain: float) -> Fraction:
+    """The exact rational used for ``retain`` (float noise removed: 0.35 -> 7/20)."""
+    return Fraction(retain).limit_denominator(10**6)
+
+
+def num_keep(n: int, retain: float, min_keep: int = 1):
+    """Tokens kept out of ``n`` prunable ones: ``min(n, max(ceil(r*n), min_keep, 1))``.
+
+    ``n`` may be a Python int or a ``torch.SymInt`` (export with a dynamic token dimension): the
+    rounding is integer arithmetic ``(p*n + q - 1) // q`` on ``r = p/q``.  The clamps use
+    ``torch.sym_max/sym_min`` only when needed, so a symbolic ``n`` gives a symbolic expression.
+    """
+    frac = retain_fraction(retain)
+    p, q = frac.numerator, frac.denominator
+    if _is_int(n):
+        if n < 0:
+            raise ValueError(f"segment length must be >= 0, got {n}")
+        if n == 0:
+            return 0
+        return min(n, max((p * n + q - 1) // q, min_keep, 1))
+    import torch
+
+    k = (p * n + q - 1) // q if p != q else n
+    if min_keep > 1:
+        k = torch.sym_min(n, torch.sym_max(k, min_keep))
+    # p/q > 0 and n >= 1 give k >= 1 already; k <= n since p <= q.
+    return k

@@ -1,0 +1,190 @@
+"""Eager IPCV driver: runs a pre-norm block stack with IPCV given per-block branch callables.
+
+A pre-norm ViT block is ``h = x + A(x); out = h + F(h)``, where the *attention branch* ``A`` includes
+the norm before attention and any LayerScale after it, and the *FFN branch* ``F`` likewise.  The
+driver only needs, per block, an object with
+
+* ``attention_branch(x_q, x_kv, ctx) -> (B, Lq, D)``: the attention update for the query rows
+  ``x_q (B, Lq, D)``, attending over the key/value rows ``x_kv (B, Lkv, D)``.  ``ctx``
+  (:class:`AttnContext`) gives the rows' original positions (to gather rotary tables), where each
+  query row sits among the kv rows, and the segment mask.
+* ``ffn_branch(x) -> (B, L, D)``: the FFN update, row-wise.
+
+This is all a serving engine with its own (non-exportable) ViT code must provide to use IPCV, and it
+is the oracle the graph rewrite is tested against.
+
+Schedule (blocks numbered from 0, ``l_p = prune_layer``, ``Δ = as_depth``):
+
+* blocks ``< l_p``: unchanged.
+* at the input of block ``l_p``: score, select per segment, find neighbours (all at ``H_lp``).
+* blocks in ``[l_p, l_p+Δ)`` (AS): removed rows are NGR-reconstructed from the kept rows and join
+  attention as keys/values only; queries are computed for kept rows only; FFN on kept rows only.
+* blocks ``>= l_p+Δ``: kept rows only.
+* after the last block: removed rows reconstructed by NGR and put back in place (reintegration).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+
+from .config import IPCVConfig
+from .reconstruct import knn_kept, neighbour_weights, ngr, restore
+from .segments import SegmentLayout, SegmentPlan, segment_ids, segment_mask
+from .selection import feature_difference_score, gather_rows, select_per_segment
+
+__all__ = ["AttnContext", "Block", "Branches", "DriverOutput", "run_blocks", "run_ipcv"]
+
+
+@dataclass(frozen=True)
+class AttnContext:
+    """What an attention branch needs to know about the rows it is given.
+
+    Attributes:
+        q_pos: ``(B, Lq)`` original token positions of the query rows; None = ``arange(N)``.
+        kv_pos: ``(B, Lkv)`` original positions of the key/value rows; None = ``arange(N)``.
+        q_in_kv: ``(B, Lq)`` index of each query row among the kv rows; None = the same rows.
+        mask: ``(B, 1, Lq, Lkv)`` bool, True = may attend; None = no masking needed.
+        bias: ``(B, 1, 1 or Lq, Lkv)`` float added to the attention logits (e.g. ToMe's
+            proportional attention, ``log(size)``); None = no bias.
+    """
+
+    q_pos: Optional[torch.Tensor] = None
+    kv_pos: Optional[torch.Tensor] = None
+    q_in_kv: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+
+    def sdpa_mask(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """``attn_mask`` for ``F.scaled_dot_product_attention``: the bool mask, or the float bias
+        (with ``-inf`` where the mask forbids) when a bias is present."""
+        if self.bias is None:
+            return self.mask
+        bias = self.bias.to(dtype)
+        if self.mask is None:
+            return bias
+        return bias.masked_fill(~self.mask, float("-inf"))
+
+
+class Block(Protocol):
+    """Per-block callables.  ``key_features`` is optional (used by key-matching baselines such as
+    ToMe): the attention keys of rows ``x`` (norm applied), averaged over heads, ``(B, L, C)``."""
+
+    def attention_branch(self, x_q: torch.Tensor, x_kv: torch.Tensor, ctx: AttnContext) -> torch.Tensor: ...
+
+    def ffn_branch(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Branches:
+    """Adapts two plain callables to the :class:`Block` protocol."""
+
+    attention: Callable[[torch.Tensor, torch.Tensor, AttnContext], torch.Tensor]
+    ffn: Callable[[torch.Tensor], torch.Tensor]
+    keys: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    def attention_branch(self, x_q, x_kv, ctx):
+        return self.attention(x_q, x_kv, ctx)
+
+    def ffn_branch(self, x):
+        return self.ffn(x)
+
+    def key_features(self, x):
+        if self.keys is None:
+            raise NotImplementedError("this block provides no key_features")
+        return self.keys(x)
+
+
+@dataclass
+class DriverOutput:
+    hidden_states: torch.Tensor  # (B, N, D) with reintegration, else (B, K, D)
+    keep_idx: torch.Tensor  # (B, K)
+    rem_idx: torch.Tensor  # (B, R)
+    nbr_idx: torch.Tensor  # (B, R, k) into the kept list
+    nbr_weights: torch.Tensor  # (B, R, k)
+    scores: torch.Tensor  # (B, N)
+    plan: SegmentPlan
+
+
+def _masks(layout: SegmentLayout, n: int, device):
+    if layout.num_segments == 1:
+        return None
+    return segment_ids(layout, n, device).unsqueeze(0)
+
+
+def run_blocks(h: torch.Tensor, blocks: Sequence[Block], layout: SegmentLayout | None = None) -> torch.Tensor:
+    """The plain block stack (no pruning), through the same branch callables."""
+    layout = layout or SegmentLayout()
+    seg = _masks(layout, h.shape[1], h.device)
+    ctx = AttnContext(mask=None if seg is None else segment_mask(seg, seg))
+    for blk in blocks:
+        h = h + blk.attention_branch(h, h, ctx)
+        h = h + blk.ffn_branch(h)
+    return h
+
+
+def run_ipcv(
+    h: torch.Tensor,
+    blocks: Sequence[Block],
+    config: IPCVConfig,
+    layout: SegmentLayout | None = None,
+    scores_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> DriverOutput:
+    """Run ``blocks`` on ``h (B, N, D)`` with IPCV.
+
+    Args:
+        scores_fn: optional replacement for eq. (1), ``(H_lp, H_(lp-1)) -> (B, N)``.
+    """
+    if h.dim() != 3:
+        raise ValueError(f"hidden states must be (B, N, D), got shape {tuple(h.shape)}")
+    layout = layout or SegmentLayout()
+    depth = len(blocks)
+    config.validate_depth(depth)
+    B, N, D = h.shape
+    lp, as_end = config.prune_layer, config.as_end
+    seg = _masks(layout, N, h.device)
+    full_ctx = AttnContext(mask=None if seg is None else segment_mask(seg, seg))
+
+    h_prev = h
+    for blk in blocks[:lp]:
+        h_prev = h
+        h = h + blk.attention_branch(h, h, full_ctx)
+        h = h + blk.ffn_branch(h)
+
+    # ---- prune at the input of block l_p
+    scores = (scores_fn or feature_difference_score)(h, h_prev)
+    keep_idx, rem_idx, plan = select_per_segment(scores, layout, config.retain, config.min_keep)
+    h_keep_lp = gather_rows(h, keep_idx)
+    h_rem_lp = gather_rows(h, rem_idx)
+    nbr_idx, valid = knn_kept(h_rem_lp, h_keep_lp, plan, config.k)
+    w = neighbour_weights(h_rem_lp, h_keep_lp, nbr_idx, valid, config.weighting, config.similarity_temperature)
+
+    seg_keep = None if seg is None else torch.gather(seg.expand(B, N), 1, keep_idx)
+    as_ctx = AttnContext(
+        q_pos=keep_idx,
+        kv_pos=None,
+        q_in_kv=keep_idx,
+        mask=None if seg is None else segment_mask(seg_keep, seg.expand(B, N)),
+    )
+    kept_ctx = AttnContext(
+        q_pos=keep_idx, kv_pos=keep_idx, q_in_kv=None, mask=None if seg is None else segment_mask(seg_keep, seg_keep)
+    )
+
+    x = h_keep_lp
+    for li in range(lp, depth):
+        blk = blocks[li]
+        if li < as_end:
+            x_rem = ngr(h_rem_lp, h_keep_lp, x, nbr_idx, w)
+            x_full = restore(x, x_rem, keep_idx, rem_idx)
+            x = x + blk.attention_branch(x, x_full, as_ctx)
+        else:
+            x = x + blk.attention_branch(x, x, kept_ctx)
+        x = x + blk.ffn_branch(x)
+
+    if config.reintegrate:
+        out = restore(x, ngr(h_rem_lp, h_keep_lp, x, nbr_idx, w), keep_idx, rem_idx)
+    else:
+        out = x
+    return DriverOutput(out, keep_idx, rem_idx, nbr_idx, w, scores, plan)

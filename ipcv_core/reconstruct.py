@@ -1,0 +1,161 @@
+"""Neighbour search, Neighbour-Guided Reconstruction (NGR) and restore.
+
+Shapes: removed rows ``(B, R, D)``, kept rows ``(B, K, D)``; neighbour indices ``(B, R, k)`` point
+into the kept list of the same row; weights ``(B, R, k)`` sum to 1 over the last dim.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .segments import SegmentPlan
+from .selection import is_tracing
+
+__all__ = ["knn_kept", "neighbour_weights", "ngr", "restore", "pairwise_sq_dist", "DEFAULT_CHUNK_ELEMS"]
+
+# A distance block holds at most this many float32 entries (64 MiB) unless a single row needs more.
+DEFAULT_CHUNK_ELEMS = 1 << 24
+
+
+def pairwise_sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances ``(B, M, D), (B, K, D) -> (B, M, K)`` in float32 (clamped >= 0)."""
+    a = a.float()
+    b = b.float()
+    aa = (a * a).sum(-1, keepdim=True)
+    bb = (b * b).sum(-1).unsqueeze(-2)
+    return torch.baddbmm(aa + bb, a, b.transpose(-1, -2), alpha=-2.0).clamp_min_(0.0)
+
+
+def _topk_smallest(d2: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    vals, idx = torch.topk(d2, k, dim=-1, largest=False, sorted=True)
+    return vals, idx
+
+
+def knn_kept(
+    h_rem: torch.Tensor,
+    h_keep: torch.Tensor,
+    plan: SegmentPlan,
+    k: int,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For each removed row, its ``k`` nearest kept rows of the **same segment** (Euclidean).
+
+    Protected tokens (CLS, registers) are not candidates.  A segment that keeps ``K' < k`` prunable
+    tokens uses all ``K'`` of them: its index rows are padded by repeating the last neighbour and the
+    padded entries get ``valid = False`` (and weight 0 in :func:`neighbour_weights`).
+
+    Memory: distances are computed per segment, in blocks of at most ``chunk_elems`` entries (rows of
+    removed tokens x that segment's kept tokens); no matrix ever spans two segments.  Under tracing
+    (export/compile) each segment is one block.
+
+    Returns:
+        ``idx (B, R, k)`` int64 into the kept list, ``valid (B, R, k)`` bool.
+    """
+    B, R = h_rem.shape[0], h_rem.shape[1]
+    idx_parts, valid_parts = [], []
+    tracing = is_tracing() or not isinstance(R, int)
+    for s in plan.segments:
+        if isinstance(s.remove, int) and s.remove == 0:
+            continue
+        cand_lo = s.keep_offset + s.protected
+        cand = h_keep[:, cand_lo : cand_lo + s.keep]
+        rows = h_rem[:, s.rem_offset : s.rem_offset + s.remove]
+        keff = min(k, s.keep) if isinstance(s.keep, int) else k  # symbolic K' >= k is assumed; see below
+        if not isinstance(s.keep, int):
+            keff = torch.sym_min(k, s.keep)
+        if tracing or not isinstance(s.remove, int):
+            chunks = [rows]
+        else:
+            step = max(1, chunk_elems // max(1, s.keep))
+            chunks = [rows[:, i : i + step] for i in range(0, s.remove, step)]
+        seg_idx = []
+        for c in chunks:
+            _, ii = _topk_smallest(pairwise_sq_dist(c, cand), keff)
+            seg_idx.append(ii)
+        ii = seg_idx[0] if len(seg_idx) == 1 else torch.cat(seg_idx, dim=1)
+        ii = ii + cand_lo
+        if isinstance(keff, int) and keff < k:
+            pad = ii[..., -1:].expand(*ii.shape[:-1], k - keff)
+            valid = torch.cat(
+                [torch.ones_like(ii, dtype=torch.bool), torch.zeros_like(pad, dtype=torch.bool)], dim=-1
+            )
+            ii = torch.cat([ii, pad], dim=-1)
+        else:
+            valid = torch.ones_like(ii, dtype=torch.bool)
+        idx_parts.append(ii)
+        valid_parts.append(valid)
+    if not idx_parts:
+        z = torch.zeros(B, 0, k, dtype=torch.long, device=h_rem.device)
+        return z, z.bool()
+    if len(idx_parts) == 1:
+        return idx_parts[0], valid_parts[0]
+    return torch.cat(idx_parts, dim=1), torch.cat(valid_parts, dim=1)
+
+
+def neighbour_weights(
+    h_rem: torch.Tensor,
+    h_keep: torch.Tensor,
+    idx: torch.Tensor,
+    valid: torch.Tensor,
+    weighting: str = "mean",
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """NGR weights ``(B, R, k)`` summing to 1 over valid neighbours (float32).
+
+    ``mean``: ``1/k_eff`` (the paper).  ``similarity``: ``softmax(cos(h_i, h_j) / temperature)``
+    over the valid neighbours, cosine taken at ``l_p``.
+    """
+    v = valid.float()
+    if weighting == "mean":
+        return v / v.sum(-1, keepdim=True).clamp_min(1.0)
+    if weighting != "similarity":
+        raise ValueError(f"weighting must be 'mean' or 'similarity', got {weighting!r}")
+    B, R, k = idx.shape
+    D = h_keep.shape[-1]
+    nb = torch.gather(h_keep.float(), 1, idx.reshape(B, R * k, 1).expand(B, R * k, D)).reshape(B, R, k, D)
+    cos = torch.nn.functional.cosine_similarity(h_rem.float().unsqueeze(2), nb, dim=-1, eps=1e-8)
+    logits = (cos / temperature).masked_fill(~valid, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def ngr(
+    h_rem_lp: torch.Tensor,
+    h_keep_lp: torch.Tensor,
+    h_keep_l: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Eq. (5): ``h~_i,l = h_i,lp + sum_j w_ij (h_j,l - h_j,lp)`` over the neighbours ``j`` of ``i``.
+
+    ``(B,R,D), (B,K,D), (B,K,D), (B,R,k), (B,R,k) -> (B,R,D)`` in the dtype of ``h_keep_l``.
+    Gathers one neighbour column at a time, so memory stays ``O(R * D)``.
+    """
+    delta = h_keep_l - h_keep_lp
+    B, R, k = idx.shape
+    D = delta.shape[-1]
+    w = weights.to(delta.dtype)
+    acc = None
+    for j in range(k):
+        g = torch.gather(delta, 1, idx[:, :, j : j + 1].expand(B, R, D))
+        term = g * w[:, :, j : j + 1]
+        acc = term if acc is None else acc + term
+    if acc is None:
+        return h_rem_lp.to(h_keep_l.dtype)
+    return h_rem_lp.to(h_keep_l.dtype) + acc
+
+
+def restore(
+    h_keep: torch.Tensor, h_rem: torch.Tensor, keep_idx: torch.Tensor, rem_idx: torch.Tensor
+) -> torch.Tensor:
+    """Eqs. (7)/(10): place kept and reconstructed rows back at their original positions.
+
+    ``(B,K,D), (B,R,D), (B,K), (B,R) -> (B, K+R, D)``.
+    """
+    B, K, D = h_keep.shape
+    R = h_rem.shape[1]
+    out = h_keep.new_empty(B, K + R, D)
+    out = out.scatter(1, keep_idx.unsqueeze(-1).expand(B, K, D), h_keep)
+    out = out.scatter(1, rem_idx.unsqueeze(-1).expand(B, R, D), h_rem.to(h_keep.dtype))
+    return out

@@ -1,0 +1,126 @@
+"""Segment layouts: which tokens form one image / video frame / tile.
+
+Every function in :mod:`ipcv_core` works on hidden states of shape ``(B, N, D)``.  A
+:class:`SegmentLayout` says how the ``N`` tokens of *each batch row* split into segments:
+
+* ``lengths=None`` (the *batched* layout): each row is one segment (InternVL tiles, a batch of
+  DINOv2 images).  ``N`` may be symbolic (dynamic) under ``torch.export``.
+* ``lengths=(n_0, n_1, ...)`` (the *packed* layout): each row holds several segments back to back,
+  with these static lengths summing to ``N`` (Qwen2-VL: one segment per image / video frame).
+
+``protected`` is the number of leading tokens of every segment that are never removed and never
+scored (a CLS token, register tokens).  They stay in place and are not used as NGR neighbours.
+
+:func:`plan_segments` turns a layout, a token count and a retain ratio into a static
+:class:`SegmentPlan`: for each segment where it starts, how many tokens it keeps and removes, and
+where its kept / removed rows lie in the concatenated kept / removed lists (each list is in
+ascending original order, segments one after the other).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .config import num_keep
+
+__all__ = ["SegmentLayout", "SegmentSpec", "SegmentPlan", "plan_segments", "segment_ids", "segment_mask"]
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    lengths: Optional[Tuple[int, ...]] = None
+    protected: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lengths is not None:
+            lengths = tuple(self.lengths)
+            if not lengths or any((not isinstance(n, int)) or isinstance(n, bool) or n < 1 for n in lengths):
+                raise ValueError(f"SegmentLayout.lengths must be a non-empty tuple of ints >= 1, got {self.lengths!r}")
+            object.__setattr__(self, "lengths", lengths)
+            if any(n <= self.protected for n in lengths):
+                raise ValueError(
+                    f"SegmentLayout.protected ({self.protected}) must be < every segment length {lengths}"
+                )
+        if not isinstance(self.protected, int) or isinstance(self.protected, bool) or self.protected < 0:
+            raise ValueError(f"SegmentLayout.protected must be an int >= 0, got {self.protected!r}")
+
+    @classmethod
+    def batched(cls, protected: int = 0) -> "SegmentLayout":
+        return cls(None, protected)
+
+    @classmethod
+    def packed(cls, lengths: Sequence[int], protected: int = 0) -> "SegmentLayout":
+        return cls(tuple(int(n) for n in lengths), protected)
+
+    @property
+    def num_segments(self) -> int:
+        return 1 if self.lengths is None else len(self.lengths)
+
+    def check_tokens(self, n_tokens) -> None:
+        if self.lengths is not None and isinstance(n_tokens, int) and sum(self.lengths) != n_tokens:
+            raise ValueError(
+                f"segment lengths {self.lengths} sum to {sum(self.lengths)} but the input has {n_tokens} tokens"
+            )
+        if self.lengths is None and isinstance(n_tokens, int) and n_tokens <= self.protected:
+            raise ValueError(f"input has {n_tokens} tokens, not more than the {self.protected} protected ones")
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One segment of a row.  Counts may be SymInts for a dynamic single-segment layout."""
+
+    start: object  # first token (original position)
+    length: object  # tokens in the segment (protected included)
+    protected: int  # leading protected tokens
+    keep: object  # prunable tokens kept  (K')
+    remove: object  # tokens removed          (R = length - protected - K')
+    keep_offset: object  # first row of this segment in the kept list (its protected rows come first)
+    rem_offset: object  # first row of this segment in the removed list
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    segments: Tuple[SegmentSpec, ...]
+    n_tokens: object
+    n_keep: object  # rows in the kept list (protected included)
+    n_remove: object
+
+    @property
+    def keeps_all(self) -> bool:
+        """True when nothing is removed (statically known)."""
+        return all(isinstance(s.remove, int) and s.remove == 0 for s in self.segments)
+
+
+def plan_segments(layout: SegmentLayout, n_tokens, retain: float, min_keep: int = 1) -> SegmentPlan:
+    layout.check_tokens(n_tokens)
+    lengths = (n_tokens,) if layout.lengths is None else layout.lengths
+    P = layout.protected
+    segs = []
+    start = 0
+    k_off = 0
+    r_off = 0
+    for n in lengths:
+        prunable = n - P
+        kp = num_keep(prunable, retain, min_keep)
+        rem = prunable - kp
+        segs.append(SegmentSpec(start, n, P, kp, rem, k_off, r_off))
+        start = start + n
+        k_off = k_off + P + kp
+        r_off = r_off + rem
+    return SegmentPlan(tuple(segs), n_tokens, k_off, r_off)
+
+
+def segment_ids(layout: SegmentLayout, n_tokens, device=None) -> torch.Tensor:
+    """``(N,)`` int64 segment index of every token (all zeros for the batched layout)."""
+    if layout.lengths is None:
+        return torch.zeros(n_tokens, dtype=torch.long, device=device)
+    lengths = torch.tensor(layout.lengths, dtype=torch.long, device=device)
+    return torch.repeat_interleave(torch.arange(len(layout.lengths), device=device), lengths, output_size=sum(layout.lengths))
+
+
+def segment_mask(seg_q: torch.Tensor, seg_kv: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask ``(B, 1, Lq, Lkv)`` (True = may attend) from segment ids ``(B, L)``."""
+    return (seg_q.unsqueeze(-1) == seg_kv.unsqueeze(-2)).unsqueeze(1)
