@@ -1,0 +1,10 @@
+"""ipcv_compile: capture a ViT block stack with torch.export, locate blocks / attention / FFN,
+rewrite the graph with IPCV, lower it.  No model names here: structure comes from a LocateSpec."""
+
+from .api import IPCVModule, capture, rewrite, rewrite_graph
+from .locate import GraphMap, LocateError, locate
+from .passes.ipcv_rewrite import IPCVRewritePass, RewriteError
+from .spec import LocateSpec
+
+__all__ = ["IPCVModule", "capture", "rewrite", "rewrite_graph", "GraphMap", "LocateError", "locate",
+           "IPCVRewritePass", "RewriteError", "LocateSpec"]

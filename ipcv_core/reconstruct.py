@@ -43,8 +43,9 @@ def knn_kept(
     """For each removed row, its ``k`` nearest kept rows of the **same segment** (Euclidean).
 
     Protected tokens (CLS, registers) are not candidates.  A segment that keeps ``K' < k`` prunable
-    tokens uses all ``K'`` of them: its index rows are padded by repeating the last neighbour and the
-    padded entries get ``valid = False`` (and weight 0 in :func:`neighbour_weights`).
+    tokens uses all ``K'`` of them: the distance rows are padded with ``k`` columns of ``+inf``, so
+    the search always returns ``k`` entries (static shape, also under export) and the padded ones
+    come back with ``valid = False`` (weight 0 in :func:`neighbour_weights`).
 
     Memory: distances are computed per segment, in blocks of at most ``chunk_elems`` entries (rows of
     removed tokens x that segment's kept tokens); no matrix ever spans two segments.  Under tracing
@@ -53,37 +54,29 @@ def knn_kept(
     Returns:
         ``idx (B, R, k)`` int64 into the kept list, ``valid (B, R, k)`` bool.
     """
-    B, R = h_rem.shape[0], h_rem.shape[1]
+    B = h_rem.shape[0]
     idx_parts, valid_parts = [], []
-    tracing = is_tracing() or not isinstance(R, int)
+    tracing = is_tracing()
     for s in plan.segments:
         if isinstance(s.remove, int) and s.remove == 0:
             continue
         cand_lo = s.keep_offset + s.protected
         cand = h_keep[:, cand_lo : cand_lo + s.keep]
         rows = h_rem[:, s.rem_offset : s.rem_offset + s.remove]
-        keff = min(k, s.keep) if isinstance(s.keep, int) else k  # symbolic K' >= k is assumed; see below
-        if not isinstance(s.keep, int):
-            keff = torch.sym_min(k, s.keep)
-        if tracing or not isinstance(s.remove, int):
+        if tracing or not isinstance(s.remove, int) or not isinstance(s.keep, int):
             chunks = [rows]
         else:
-            step = max(1, chunk_elems // max(1, s.keep))
+            step = max(1, chunk_elems // max(1, s.keep + k))
             chunks = [rows[:, i : i + step] for i in range(0, s.remove, step)]
         seg_idx = []
         for c in chunks:
-            _, ii = _topk_smallest(pairwise_sq_dist(c, cand), keff)
+            d2 = pairwise_sq_dist(c, cand)
+            pad = torch.full((d2.shape[0], d2.shape[1], k), float("inf"), dtype=d2.dtype, device=d2.device)
+            _, ii = _topk_smallest(torch.cat([d2, pad], dim=-1), k)
             seg_idx.append(ii)
         ii = seg_idx[0] if len(seg_idx) == 1 else torch.cat(seg_idx, dim=1)
-        ii = ii + cand_lo
-        if isinstance(keff, int) and keff < k:
-            pad = ii[..., -1:].expand(*ii.shape[:-1], k - keff)
-            valid = torch.cat(
-                [torch.ones_like(ii, dtype=torch.bool), torch.zeros_like(pad, dtype=torch.bool)], dim=-1
-            )
-            ii = torch.cat([ii, pad], dim=-1)
-        else:
-            valid = torch.ones_like(ii, dtype=torch.bool)
+        valid = ii < s.keep
+        ii = torch.where(valid, ii, torch.zeros_like(ii)) + cand_lo
         idx_parts.append(ii)
         valid_parts.append(valid)
     if not idx_parts:

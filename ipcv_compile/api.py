@@ -1,0 +1,198 @@
+"""User-facing API: ``capture``, ``rewrite``, and the module it returns."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import fx, nn
+
+from ipcv_core.config import IPCVConfig
+from ipcv_core.segments import SegmentLayout
+
+from .locate import GraphMap, locate
+from .passes.ipcv_rewrite import IPCVRewritePass, RewriteReport
+from .spec import LocateSpec
+
+__all__ = ["capture", "rewrite", "IPCVModule", "default_dynamic_shapes"]
+
+
+def default_dynamic_shapes(args: Sequence[Any], kwargs: Dict[str, Any], hidden_index: int, token_dim: int):
+    """Token dimension dynamic in the hidden input and in every other tensor input's dims of the
+    same size (rotary tables, masks); batch dim dynamic too when the example batch is >= 2."""
+    from torch.export import Dim
+
+    hidden = args[hidden_index]
+    n = hidden.shape[token_dim]
+
+    def spec_for(t, is_hidden):
+        if not isinstance(t, torch.Tensor):
+            return None
+        d = {}
+        for i, s in enumerate(t.shape):
+            if s == n and (not is_hidden or i == token_dim):
+                d[i] = Dim.DYNAMIC
+        if is_hidden and token_dim == 1 and t.shape[0] >= 2:
+            d[0] = Dim.DYNAMIC
+        return d or None
+
+    a = tuple(spec_for(t, i == hidden_index) for i, t in enumerate(args))
+    k = {name: spec_for(t, False) for name, t in kwargs.items()}
+    return a, k
+
+
+def capture(
+    module: nn.Module,
+    args: Tuple[Any, ...],
+    kwargs: Optional[Dict[str, Any]] = None,
+    dynamic_shapes=None,
+    hidden_index: int = 0,
+    token_dim: int = 1,
+) -> fx.GraphModule:
+    """``torch.export`` (non-strict) with a dynamic token dimension, as an unlifted GraphModule
+    (parameters as attributes; same call signature and output structure as ``module``)."""
+    kwargs = dict(kwargs or {})
+    if dynamic_shapes is None:
+        a, k = default_dynamic_shapes(args, kwargs, hidden_index, token_dim)
+        dynamic_shapes = (*a, *k.values()) if not kwargs else {**_arg_names(module, a), **k}
+    with torch.no_grad():
+        ep = torch.export.export(module, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    gm = ep.module()
+    gm.meta["ipcv_range_constraints"] = {str(k): str(v) for k, v in ep.range_constraints.items()}
+    return gm
+
+
+def _arg_names(module: nn.Module, arg_specs):
+    import inspect
+
+    names = [p for p in inspect.signature(module.forward).parameters]
+    return {names[i]: s for i, s in enumerate(arg_specs)}
+
+
+class IPCVModule(nn.Module):
+    """A rewritten block stack: same call signature and output structure as the original module.
+
+    No per-call state is stored on the module (keep sets etc. live only inside a call), so one
+    instance may be called from several threads.
+    """
+
+    def __init__(self, gm: fx.GraphModule, config: IPCVConfig, layout: SegmentLayout, gmap: GraphMap,
+                 report: RewriteReport, nodes_before: int, rewrite_seconds: float):
+        super().__init__()
+        self.graph_module = gm
+        self.config = config
+        self.layout = layout
+        self.report = report
+        self.nodes_before = nodes_before
+        self.rewrite_seconds = rewrite_seconds
+        self._depth = gmap.depth
+        self._token_symbol = gmap.token_symbol
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    @property
+    def nodes_after(self) -> int:
+        return len(self.graph_module.graph.nodes)
+
+    def print_readable(self, print_output: bool = True) -> str:
+        return self.graph_module.print_readable(print_output=print_output)
+
+    def rows_per_block(self) -> Dict[int, Dict[str, str]]:
+        """For each block, the (symbolic) row counts seen by the FFN and by the attention queries /
+        keys, read from the rewritten graph's ``meta["val"]``."""
+        out: Dict[int, Dict[str, str]] = {}
+        for n in self.graph_module.graph.nodes:
+            info = n.meta.get("ipcv") or {}
+            if "block" not in info:
+                continue
+            b = info["block"]
+            v = n.meta.get("val")
+            if info.get("role") == "attention_core" and isinstance(v, torch.Tensor):
+                q, k = n.args[0].meta["val"], n.args[1].meta["val"]
+                out.setdefault(b, {})["queries"] = str(q.shape[-2])
+                out[b]["keys"] = str(k.shape[-2])
+            if info.get("role") == "ffn" and isinstance(v, torch.Tensor) and "ffn" not in out.get(b, {}):
+                out.setdefault(b, {})["ffn"] = str(v.shape[-2] if v.dim() >= 2 else v.shape[0])
+        return out
+
+    def summary(self) -> str:
+        cfg = self.config
+        lines = [
+            f"IPCV rewrite: retain={cfg.retain} l_p={cfg.prune_layer} Δ={cfg.as_depth} k={cfg.k} "
+            f"weighting={cfg.weighting} reintegrate={cfg.reintegrate}",
+            f"segments: {'one per batch row' if self.layout.lengths is None else self.layout.lengths}, "
+            f"protected per segment: {self.layout.protected}; token count symbol N = {self._token_symbol}",
+            f"nodes: {self.nodes_before} before, {self.nodes_after} after; rewrite took {self.rewrite_seconds * 1e3:.0f} ms",
+            "inserted: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.report.inserted.items())),
+            f"reshapes re-pointed to the kept count: {len(self.report.sizes_repointed)}; "
+            f"pre-attention nodes copied for AS: {self.report.pre_attention_copies}; "
+            f"side inputs gathered: {self.report.side_inputs or 'none'}",
+            "block | mode             | queries | keys/values | FFN rows",
+        ]
+        rows = self.rows_per_block()
+        for b in range(self._depth):
+            if b < cfg.prune_layer:
+                mode = "vanilla"
+            elif b < cfg.as_end:
+                mode = "AS (kv: all rows)" if b > cfg.prune_layer else "prune + AS"
+            else:
+                mode = "kept rows only" if b > cfg.prune_layer or cfg.as_depth else "prune, kept only"
+            r = rows.get(b, {})
+            lines.append(f"{b:>5} | {mode:<16} | {r.get('queries', '?'):>7} | {r.get('keys', '?'):>11} | {r.get('ffn', '?')}")
+        if cfg.reintegrate:
+            lines.append("after last block: reintegration (NGR + restore to N rows, original order)")
+        return "\n".join(lines)
+
+
+def rewrite(
+    module: nn.Module,
+    config: Optional[IPCVConfig] = None,
+    *,
+    example_inputs: Optional[Tuple[Any, ...]] = None,
+    example_kwargs: Optional[Dict[str, Any]] = None,
+    spec: Optional[LocateSpec] = None,
+    layout: Optional[SegmentLayout] = None,
+    dynamic_shapes=None,
+    hidden_index: int = 0,
+    **config_overrides: Any,
+) -> nn.Module:
+    """Capture ``module`` and rewrite it with IPCV.
+
+    Either give ``spec`` + ``example_inputs`` (+ ``layout``), or give neither and let an adapter
+    from :mod:`ipcv_adapters` recognise the module (``rewrite(model.visual, retain=0.35)``).
+    ``config_overrides`` (e.g. ``retain=0.35``) replace fields of ``config`` (default: paper
+    defaults).
+    """
+    config = (config or IPCVConfig()).replace(**config_overrides) if config_overrides else (config or IPCVConfig())
+    if spec is None:
+        from ipcv_adapters import rewrite_with_adapter  # model knowledge lives there
+
+        return rewrite_with_adapter(module, config)
+    if example_inputs is None:
+        raise ValueError("rewrite: example_inputs are required when a spec is given")
+    layout = layout or SegmentLayout()
+    t0 = time.perf_counter()
+    gm = capture(module, example_inputs, example_kwargs, dynamic_shapes, hidden_index, spec.token_dim)
+    return rewrite_graph(gm, config, spec, layout, t0=t0)
+
+
+def rewrite_graph(gm: fx.GraphModule, config: IPCVConfig, spec: LocateSpec, layout: SegmentLayout,
+                  t0: Optional[float] = None) -> IPCVModule:
+    """Rewrite an already captured GraphModule (from :func:`capture`); ``gm`` is not modified."""
+    t0 = time.perf_counter() if t0 is None else t0
+    gm = _fresh(gm)
+    nodes_before = len(gm.graph.nodes)
+    gmap = locate(gm, spec)
+    result = IPCVRewritePass(config, layout)(gm, gmap)
+    return IPCVModule(result.graph_module, config, layout, gmap, result.graph_module.meta["ipcv_report"],
+                      nodes_before, time.perf_counter() - t0)
+
+
+def _fresh(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` (graph, attributes, hooks) that shares its parameters and buffers, so the
+    rewrite can mutate the graph without touching the captured one or duplicating weights."""
+    memo = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
+    return copy.deepcopy(gm, memo)

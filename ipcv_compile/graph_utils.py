@@ -1,0 +1,82 @@
+"""Pass infrastructure: results, clean-up after a rewrite, metadata refresh."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+__all__ = ["PassResult", "clean_up", "refresh_meta", "count_ops"]
+
+
+@dataclass
+class PassResult:
+    """As ``torch.fx.passes.infra.pass_base.PassResult``: the module and whether it changed."""
+
+    graph_module: fx.GraphModule
+    modified: bool
+
+
+def clean_up(gm: fx.GraphModule) -> None:
+    """Dead-code elimination, ``graph.lint()``, ``recompile()`` (as torch-tensorrt's
+    ``clean_up_graph_after_modifications``)."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def refresh_meta(gm: fx.GraphModule, static_sizes: dict | None = None) -> None:
+    """Re-run fake-tensor propagation so every node's ``meta["val"]`` shows its new shape.
+
+    Runs in a *fresh* ShapeEnv (one new symbol per symbol of the captured inputs), so guards that
+    the rewritten graph implies — e.g. a packed layout fixing the token count — never leak into
+    the captured graph's ShapeEnv, which later rewrites of the same capture reuse.
+    ``static_sizes`` maps old symbols to ints to specialise (e.g. ``{N: 1234}`` for a packed layout).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in phs]
+    if not all(isinstance(v, torch.Tensor) or v is None or isinstance(v, (int, float, bool)) for v in vals):
+        return
+    static_sizes = dict(static_sizes or {})
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+    new_syms: dict = {}
+
+    def size(s):
+        if not isinstance(s, torch.SymInt):
+            return s
+        expr = s.node.expr
+        if expr in static_sizes:
+            return static_sizes[expr]
+        if expr not in new_syms:
+            if not expr.is_symbol:
+                return int(s.node.hint) if s.node.hint is not None else s
+            new_syms[expr] = env.create_unspecified_symint_and_symbol(
+                int(s.node.hint), ConstantSource(f"ipcv_{expr}"), DimDynamic.DYNAMIC
+            )
+        return new_syms[expr]
+
+    inputs = []
+    with mode:
+        for v in vals:
+            if isinstance(v, torch.Tensor):
+                inputs.append(torch.empty([size(s) for s in v.shape], dtype=v.dtype, device=v.device))
+            else:
+                inputs.append(v)
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def count_ops(gm: fx.GraphModule) -> dict:
+    """``{target name: count}`` of call_function nodes."""
+    out: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            name = getattr(n.target, "__name__", str(n.target))
+            out[name] = out.get(name, 0) + 1
+    return out

@@ -1,0 +1,115 @@
+"""Graph-level composite ops inserted by the rewrite: thin wrappers over ipcv_core's pure functions
+that accept the model's own hidden-state layout (``(B, N, D)``, or packed ``(N, D)`` with
+``token_dim=0``).  Every argument that changes the graph's structure is static (keyword-only), so
+each call traces to a fixed set of ATen ops (torch.export / ONNX / inductor).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ipcv_core.reconstruct import knn_kept, neighbour_weights, ngr, restore
+from ipcv_core.segments import SegmentLayout
+from ipcv_core.selection import feature_difference_score, gather_rows, is_tracing, select_per_segment
+
+__all__ = ["ipcv_prune", "ipcv_reconstruct", "ipcv_gather_tokens"]
+
+
+def _bnd(x: torch.Tensor, token_dim: int) -> torch.Tensor:
+    if token_dim == 0 and x.dim() == 2:
+        return x.unsqueeze(0)
+    if token_dim == 1 and x.dim() == 3:
+        return x
+    raise ValueError(f"hidden states of shape {tuple(x.shape)} with token_dim={token_dim} are not supported "
+                     "(expected (B, N, D) with token_dim=1 or (N, D) with token_dim=0)")
+
+
+def _model_layout(x: torch.Tensor, token_dim: int) -> torch.Tensor:
+    return x.squeeze(0) if token_dim == 0 else x
+
+
+def ipcv_prune(
+    x_lp: torch.Tensor,
+    x_prev: torch.Tensor,
+    *,
+    token_dim: int,
+    segment_lengths: Optional[Tuple[int, ...]],
+    protected: int,
+    retain: float,
+    min_keep: int,
+    k: int,
+    weighting: str,
+    temperature: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score (eq. 1), select per segment, find neighbours, at the input of block ``l_p``.
+
+    The segment layout comes as plain values (``segment_lengths`` None = one segment per batch
+    row), so the graph's generated code can print them.
+
+    Returns ``(x_keep_lp [model layout, K rows], x_rem_lp (B,R,D), keep_idx (B,K), rem_idx (B,R),
+    nbr_idx (B,R,k), nbr_w (B,R,k))``.
+    """
+    layout = SegmentLayout(segment_lengths, protected)
+    xb, pb = _bnd(x_lp, token_dim), _bnd(x_prev, token_dim)
+    if layout.lengths is not None and not is_tracing() and isinstance(xb.shape[1], int):
+        layout.check_tokens(xb.shape[1])
+    scores = feature_difference_score(xb, pb)
+    keep, rem, plan = select_per_segment(scores, layout, retain, min_keep)
+    hk = gather_rows(xb, keep)
+    hr = gather_rows(xb, rem)
+    idx, valid = knn_kept(hr, hk, plan, k)
+    w = neighbour_weights(hr, hk, idx, valid, weighting, temperature)
+    return _model_layout(hk, token_dim), hr, keep, rem, idx, w
+
+
+def ipcv_reconstruct(
+    x_keep_l: torch.Tensor,
+    x_keep_lp: torch.Tensor,
+    x_rem_lp: torch.Tensor,
+    keep_idx: torch.Tensor,
+    rem_idx: torch.Tensor,
+    nbr_idx: torch.Tensor,
+    nbr_w: torch.Tensor,
+    *,
+    token_dim: int,
+) -> torch.Tensor:
+    """NGR (eq. 5) for the removed rows at the current layer, then restore (eq. 7/10): the full
+    sequence in original order, in the model's layout."""
+    hk_l, hk_lp = _bnd(x_keep_l, token_dim), _bnd(x_keep_lp, token_dim)
+    rec = ngr(x_rem_lp, hk_lp, hk_l, nbr_idx, nbr_w)
+    return _model_layout(restore(hk_l, rec, keep_idx, rem_idx), token_dim)
+
+
+def ipcv_gather_tokens(t: torch.Tensor, keep_idx: torch.Tensor, *, dims: Tuple[int, ...], batch: str) -> torch.Tensor:
+    """Keep the rows of ``keep_idx (B, K)`` along each token dim in ``dims`` of a per-token value.
+
+    ``batch``: ``"full"`` — ``t``'s dim 0 is the batch (size B), each row uses its own keep list;
+    ``"broadcast"`` — dim 0 has size 1 and broadcasts over the batch (expanded to B first);
+    ``"none"`` — ``t`` has no batch dim, and the batch must have one row (checked eagerly).
+    """
+    if batch not in ("full", "broadcast", "none"):
+        raise ValueError(f"batch must be 'full', 'broadcast' or 'none', got {batch!r}")
+    if batch == "none":
+        if not is_tracing() and keep_idx.shape[0] != 1:
+            raise ValueError(
+                f"a per-token side input of shape {tuple(t.shape)} has no batch dimension, but the batch has "
+                f"{keep_idx.shape[0]} rows with different keep sets; run one image per call or give the side "
+                "input a batch dimension"
+            )
+        idx = keep_idx[0]
+        for d in dims:
+            t = t.index_select(d, idx)
+        return t
+    B, K = keep_idx.shape
+    if batch == "broadcast":
+        t = t.expand(B, *t.shape[1:])
+    for d in dims:
+        d = d % t.dim()
+        view = [B] + [1] * (t.dim() - 1)
+        view[d] = K
+        size = list(t.shape)
+        size[d] = K
+        t = torch.gather(t, d, keep_idx.view(view).expand(size))
+    return t

@@ -1,0 +1,297 @@
+"""The IPCV rewrite pass (one pass, one file).
+
+Input: a captured GraphModule (dynamic token dimension) and its :class:`GraphMap` from
+:func:`ipcv_compile.locate.locate`.  Output: the same GraphModule, rewritten in place:
+
+* at the input of block ``l_p``: one ``ipcv_prune`` call (score eq. 1, per-segment top-K,
+  same-segment kNN) and, for every per-token side input used by the blocks after the AS range,
+  one ``ipcv_gather_tokens`` call;
+* blocks ``>= l_p`` take the kept rows as their residual stream;
+* AS blocks ``[l_p, l_p+Δ)``: ``ipcv_reconstruct`` (NGR + restore) builds the full sequence, which
+  feeds a copy of the path from the block input to the attention input (the pre-attention norm),
+  so keys/values come from all rows; each SDPA node's query (and its mask's query rows) is gathered
+  to the kept rows, so the attention core computes ``K`` queries and everything after it — out
+  projection, residual, FFN — runs on ``K`` rows;
+* blocks ``>= l_p+Δ`` use the gathered side inputs;
+* after the last block: ``ipcv_reconstruct`` restores the full length and order for the consumers
+  of the block stack's output (final norm, merger, ...).
+
+Sizes: export reads the token count once (``sym_size`` of an input) and feeds it to every reshape;
+after the prune point that count is wrong for kept rows.  Each reshape/view in a rewritten block
+whose shape has exactly one element derived from the token count gets ``-1`` there instead, so it
+follows whatever row count reaches it (kept rows or the full sequence).  Any other op in those
+blocks that takes a token-count-derived size raises :class:`RewriteError`.
+
+Then: dead-code elimination, ``graph.lint()``, ``recompile()``, and fake-tensor propagation so
+every node's ``meta["val"]`` shows its new (symbolic) shape.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import fx
+
+from ipcv_core.config import IPCVConfig
+from ipcv_core.segments import SegmentLayout
+
+from .. import ops as ipcv_ops
+from ..graph_utils import PassResult, clean_up, refresh_meta
+from ..locate import GraphMap, token_symbol_dims
+
+__all__ = ["IPCVRewritePass", "RewriteError", "RewriteReport"]
+
+_RESHAPES = {
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten._unsafe_view.default,
+}
+
+
+class RewriteError(RuntimeError):
+    pass
+
+
+@dataclass
+class RewriteReport:
+    inserted: Counter = field(default_factory=Counter)  # op name -> count of inserted nodes
+    sizes_repointed: List[str] = field(default_factory=list)
+    side_inputs: Dict[str, tuple] = field(default_factory=dict)
+    query_gathers: int = 0
+    pre_attention_copies: int = 0
+
+
+def _is_tok_sym(a, sym) -> bool:
+    if not isinstance(a, fx.Node):
+        return False
+    v = a.meta.get("val")
+    return isinstance(v, torch.SymInt) and sym in v.node.expr.free_symbols
+
+
+def _batch_mode(val: torch.Tensor, dims, hidden_val: torch.Tensor, token_dim: int) -> str:
+    if token_dim == 0 or val.dim() < 2 or 0 in dims:
+        return "none"
+    b = val.shape[0]
+    hb = hidden_val.shape[0]
+    if isinstance(b, int) and b == 1 and not (isinstance(hb, int) and hb == 1):
+        return "broadcast"
+    if (isinstance(b, torch.SymInt) and isinstance(hb, torch.SymInt) and b.node.expr == hb.node.expr) or (
+        isinstance(b, int) and isinstance(hb, int) and b == hb
+    ):
+        return "full"
+    return "none"
+
+
+class IPCVRewritePass:
+    """``IPCVRewritePass(config, layout)(gm, gmap) -> PassResult`` (torch.fx pass-infra style)."""
+
+    def __init__(self, config: IPCVConfig, layout: SegmentLayout):
+        self.config = config
+        self.layout = layout
+
+    def __call__(self, gm: fx.GraphModule, gmap: GraphMap) -> PassResult:
+        cfg = self.config
+        cfg.validate_depth(gmap.depth)
+        report = RewriteReport()
+        g = gm.graph
+        lp, as_end, depth = cfg.prune_layer, cfg.as_end, gmap.depth
+        td = gmap.token_dim
+        hidden_val = gmap.hidden.meta["val"]
+        blocks = gmap.blocks
+
+        def call(fn, args, kwargs=None, name=None):
+            n = g.call_function(fn, tuple(args), kwargs or {})
+            if name:
+                n.name = g._graph_namespace.create_name(name, None)
+            report.inserted[getattr(fn, "__name__", str(fn))] += 1
+            return n
+
+        def getitem(n, i):
+            report.inserted["getitem"] += 1
+            return g.call_function(operator.getitem, (n, i))
+
+        # ---------------------------------------------------------------- prune at block l_p
+        x_lp = blocks[lp].input
+        x_prev = blocks[lp - 1].input
+        first_node = blocks[lp].nodes[0]
+        with g.inserting_before(first_node):
+            prune = call(
+                ipcv_ops.ipcv_prune,
+                (x_lp, x_prev),
+                dict(
+                    token_dim=td,
+                    segment_lengths=self.layout.lengths,
+                    protected=self.layout.protected,
+                    retain=cfg.retain,
+                    min_keep=cfg.min_keep,
+                    k=cfg.k,
+                    weighting=cfg.weighting,
+                    temperature=cfg.similarity_temperature,
+                ),
+                "ipcv_prune",
+            )
+            x_keep_lp, x_rem_lp, keep_idx, rem_idx, nbr_idx, nbr_w = (getitem(prune, i) for i in range(6))
+        # side inputs used after the AS range, gathered once (right after the prune point, or
+        # right after the side value itself when the graph defines it later)
+        order = {n: i for i, n in enumerate(g.nodes)}
+        gathered: Dict[fx.Node, fx.Node] = {}
+        for blk in blocks[as_end:]:
+            for s in blk.side_uses:
+                if s in gathered:
+                    continue
+                dims = gmap.side_inputs[s]
+                mode = _batch_mode(s.meta["val"], dims, hidden_val, td)
+                where = g.inserting_after(s) if order[s] > order[prune] else g.inserting_after(nbr_w)
+                with where:
+                    gathered[s] = call(
+                        ipcv_ops.ipcv_gather_tokens, (s, keep_idx), dict(dims=dims, batch=mode), f"{s.name}_kept"
+                    )
+                report.side_inputs[s.name] = dims
+
+        def reconstruct(x_keep_l, where, name):
+            with where:
+                return call(
+                    ipcv_ops.ipcv_reconstruct,
+                    (x_keep_l, x_keep_lp, x_rem_lp, keep_idx, rem_idx, nbr_idx, nbr_w),
+                    dict(token_dim=td),
+                    name,
+                )
+
+        # ---------------------------------------------------------------- blocks >= l_p
+        block_in: fx.Node = x_keep_lp
+        for bi in range(lp, depth):
+            blk = blocks[bi]
+            old_in = blk.input
+            # the block's residual stream becomes the kept rows
+            for n in blk.nodes:
+                n.replace_input_with(old_in, block_in)
+            extra = []
+            if bi < as_end:
+                extra = self._attention_stabilised(g, blk, block_in, keep_idx, reconstruct, report, gmap)
+            else:
+                for n in blk.nodes:
+                    for s, s_k in gathered.items():
+                        if s in n.all_input_nodes:
+                            n.replace_input_with(s, s_k)
+            self._follow_token_count(list(blk.nodes) + extra, gmap.token_symbol, report)
+            block_in = blk.output
+
+        # ---------------------------------------------------------------- reintegration
+        last = blocks[-1].output
+        if cfg.reintegrate:
+            users = list(gmap.final_users)
+            if users:
+                full = reconstruct(last, g.inserting_after(last), "ipcv_reintegrate")
+                for u in users:
+                    u.replace_input_with(last, full)
+        clean_up(gm)
+        # a packed layout (static segment lengths) fixes the token count of the rewritten graph
+        static = {gmap.token_symbol: sum(self.layout.lengths)} if self.layout.lengths is not None else None
+        refresh_meta(gm, static)
+        gm.meta["ipcv_report"] = report
+        return PassResult(gm, True)
+
+    # ------------------------------------------------------------------------------------------
+    def _attention_stabilised(self, g, blk, block_in, keep_idx, reconstruct, report, gmap):
+        """AS block: keys/values over all rows (kept + NGR-reconstructed), queries for kept rows."""
+        first = blk.nodes[0]
+        x_full = reconstruct(block_in, g.inserting_before(first), f"ipcv_as{blk.index}_full")
+        # the path block input -> attention input (e.g. the pre-attention norm), copied on full rows
+        path, env = [], {}
+        if blk.attn_input is block_in:
+            full_attn_in = x_full
+        else:
+            path = _path_between(block_in, blk.attn_input, blk.nodes)
+            env = {block_in: x_full}
+            # right after the original attention input: every input of the path is defined by then
+            with g.inserting_before(blk.attn_input.next):
+                for n in path:
+                    c = g.node_copy(n, lambda a: env.get(a, a))
+                    c.meta = dict(n.meta)
+                    env[n] = c
+                    report.pre_attention_copies += 1
+            full_attn_in = env[blk.attn_input]
+        copies = [env[n] for n in path] if blk.attn_input is not block_in else []
+        for n in blk.attn_nodes:
+            n.replace_input_with(blk.attn_input, full_attn_in)
+        for core in blk.attn_cores:
+            q = core.args[0]
+            with g.inserting_before(core):
+                qk = g.call_function(
+                    ipcv_ops.ipcv_gather_tokens, (q, keep_idx), dict(dims=(q.meta["val"].dim() - 2,), batch="full")
+                )
+                report.inserted["ipcv_gather_tokens"] += 1
+                report.query_gathers += 1
+                args = list(core.args)
+                args[0] = qk
+                mask = args[3] if len(args) > 3 else core.kwargs.get("attn_mask")
+                if isinstance(mask, fx.Node):
+                    mv = mask.meta["val"]
+                    if -2 % mv.dim() in token_symbol_dims(mv, gmap.token_symbol):
+                        mode = _batch_mode(mv, (mv.dim() - 2,), gmap.hidden.meta["val"], gmap.token_dim)
+                        mk = g.call_function(
+                            ipcv_ops.ipcv_gather_tokens, (mask, keep_idx), dict(dims=(mv.dim() - 2,), batch=mode)
+                        )
+                        report.inserted["ipcv_gather_tokens"] += 1
+                        if len(args) > 3:
+                            args[3] = mk
+                        else:
+                            kw = dict(core.kwargs)
+                            kw["attn_mask"] = mk
+                            core.kwargs = kw
+                core.args = tuple(args)
+        return copies
+
+    def _follow_token_count(self, nodes, sym, report):
+        for n in nodes:
+            if n.op != "call_function":
+                continue
+            if n.target in _RESHAPES:
+                shape = n.args[1]
+                hits = [i for i, a in enumerate(shape) if _is_tok_sym(a, sym)]
+                if not hits:
+                    continue
+                if len(hits) > 1 or any(isinstance(a, int) and a == -1 for a in shape):
+                    raise RewriteError(
+                        f"{n.name} ({n.target}) has {len(hits)} sizes derived from the token count in {list(shape)}; "
+                        "cannot make it follow the kept-token count"
+                    )
+                new_shape = list(shape)
+                new_shape[hits[0]] = -1
+                n.args = (n.args[0], new_shape) + tuple(n.args[2:])
+                report.sizes_repointed.append(n.name)
+                continue
+            if n.target is torch.ops.aten.sym_size.int:
+                continue  # reads the size of a local tensor: always right
+            bad = [a for a in n.all_input_nodes if _is_tok_sym(a, sym)]
+            if bad:
+                raise RewriteError(
+                    f"{n.name} ({n.target}) takes a size derived from the token count ({[b.name for b in bad]}); "
+                    "the rewrite cannot make it follow the kept-token count"
+                )
+
+
+def _path_between(src: fx.Node, dst: fx.Node, nodes) -> List[fx.Node]:
+    """Nodes of ``nodes`` (in graph order) on some path from ``src`` to ``dst`` (``dst`` included)."""
+    node_set = set(nodes)
+    anc = set()
+    stack = [dst]
+    while stack:
+        n = stack.pop()
+        if n in anc or n not in node_set:
+            continue
+        anc.add(n)
+        stack.extend(n.all_input_nodes)
+    desc = set()
+    stack = [src]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in node_set and u not in desc:
+                desc.add(u)
+                stack.append(u)
+    return [n for n in nodes if n in anc and n in desc]
