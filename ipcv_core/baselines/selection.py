@@ -1,0 +1,77 @@
+"""Keep-set selections other than IPCV's eq. (1) score, as score functions for ``run_ipcv``'s
+``scores_fn`` hook (higher = keep; ``select_per_segment`` then keeps the top ``K`` per segment).
+
+* DART(ViT) — Wen et al., *Stop Looking for Important Tokens in Multimodal Language Models:
+  Duplication Matters More*, 2025 (arXiv 2502.11494), applied at a ViT layer as in the IPCV paper.
+  Pivots: the tokens whose attention keys have the largest L1 norm.  Then, pivot by pivot, the
+  not-yet-kept tokens *least* cosine-similar to that pivot are kept (duplication-aware), the budget
+  ``K - #pivots`` split evenly over the pivots (earlier pivots get the remainder), so exactly ``K``
+  tokens are kept.  Our adaptation to a ViT: keys are those of block ``l_p`` at ``H_lp``, averaged
+  over heads (what the ``Block`` protocol's ``key_features`` gives; DART concatenates the heads),
+  and the cosine is taken on the raw hidden states ``H_lp`` (DART uses the LLM's normed states).
+* Random — a seeded uniformly random keep set per image; the seed of each row is derived from the
+  row's own input, so a row's keep set does not depend on the other rows of its batch.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+__all__ = ["dart_keep_mask", "dart_scores", "row_seeds", "seeded_random_scores"]
+
+
+def dart_keep_mask(h: torch.Tensor, keys: torch.Tensor, keep: int, num_pivots: int = 8) -> torch.Tensor:
+    """DART's duplication-aware keep set over the prunable tokens of each row.
+
+    Args:
+        h: ``(B, n, D)`` hidden states of the prunable tokens (cosine similarity).
+        keys: ``(B, n, C)`` their attention keys (pivot choice by L1 norm).
+        keep: tokens kept per row, ``1 <= keep <= n``.
+    Returns:
+        ``(B, n)`` bool with exactly ``keep`` True per row; the pivots are always kept.
+    """
+    B, n, _ = h.shape
+    if not 1 <= keep <= n:
+        raise ValueError(f"keep must be in [1, {n}], got {keep}")
+    p = max(1, min(num_pivots, keep))
+    knorm = keys.float().abs().sum(-1)
+    pivots = torch.topk(knorm, p, dim=-1, sorted=True).indices  # (B, p)
+    hn = torch.nn.functional.normalize(h.float(), dim=-1)
+    piv = torch.gather(hn, 1, pivots.unsqueeze(-1).expand(B, p, hn.shape[-1]))
+    sim = piv @ hn.transpose(1, 2)  # (B, p, n) cosine
+    kept = torch.zeros(B, n, dtype=torch.bool, device=h.device).scatter(1, pivots, True)
+    budget = keep - p
+    for i in range(p):
+        take = (budget + (p - i) - 1) // (p - i)  # ceil of an even split of what is left
+        budget -= take
+        if take == 0:
+            continue
+        s = (-sim[:, i]).masked_fill(kept, float("-inf"))
+        idx = torch.topk(s, take, dim=-1).indices
+        kept = kept.scatter(1, idx, True)
+    return kept
+
+
+def dart_scores(h: torch.Tensor, keys: torch.Tensor, protected: int, keep: int, num_pivots: int = 8) -> torch.Tensor:
+    """``(B, N)`` scores whose top ``keep`` prunable tokens are DART's keep set (1 kept, 0 not)."""
+    mask = dart_keep_mask(h[:, protected:], keys[:, protected:], keep, num_pivots)
+    s = torch.zeros(h.shape[0], h.shape[1], device=h.device)
+    s[:, protected:] = mask.float()
+    return s
+
+
+def row_seeds(h: torch.Tensor, seed: int) -> list:
+    """One integer seed per row of ``h (B, ...)``: ``seed`` mixed with a CRC of the row's bytes."""
+    rows = h.detach().float().cpu().contiguous()
+    return [(seed * 1_000_003 + zlib.crc32(rows[b].numpy().tobytes())) % (2**63) for b in range(rows.shape[0])]
+
+
+def seeded_random_scores(seeds, n: int, device=None) -> torch.Tensor:
+    """``(B, n)`` uniform scores, row ``b`` drawn from a generator seeded with ``seeds[b]``."""
+    out = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        out.append(torch.rand(n, generator=g))
+    return torch.stack(out).to(device)
