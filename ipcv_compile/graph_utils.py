@@ -26,13 +26,15 @@ def clean_up(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def refresh_meta(gm: fx.GraphModule, static_sizes: dict | None = None) -> None:
+def refresh_meta(gm: fx.GraphModule, static_sizes: dict | None = None, symbolic: bool = True) -> None:
     """Re-run fake-tensor propagation so every node's ``meta["val"]`` shows its new shape.
 
     Runs in a *fresh* ShapeEnv (one new symbol per symbol of the captured inputs), so guards that
     the rewritten graph implies — e.g. a packed layout fixing the token count — never leak into
     the captured graph's ShapeEnv, which later rewrites of the same capture reuse.
     ``static_sizes`` maps old symbols to ints to specialise (e.g. ``{N: 1234}`` for a packed layout).
+    ``symbolic=False`` uses the capture's example sizes for every symbol: much faster (no symbolic
+    reasoning), shapes are then those of the example inputs.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch._dynamo.source import ConstantSource
@@ -54,6 +56,8 @@ def refresh_meta(gm: fx.GraphModule, static_sizes: dict | None = None) -> None:
         expr = s.node.expr
         if expr in static_sizes:
             return static_sizes[expr]
+        if not symbolic and s.node.hint is not None:
+            return int(s.node.hint)
         if expr not in new_syms:
             if not expr.is_symbol:
                 return int(s.node.hint) if s.node.hint is not None else s
