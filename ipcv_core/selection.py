@@ -12,7 +12,7 @@ import torch
 
 from .segments import SegmentLayout, SegmentPlan, plan_segments
 
-__all__ = ["feature_difference_score", "select_per_segment", "gather_rows", "is_tracing", "check_scores"]
+__all__ = ["feature_difference_score", "select_per_segment", "compact", "gather_rows", "is_tracing", "check_scores"]
 
 
 def is_tracing() -> bool:
@@ -46,9 +46,30 @@ def check_scores(scores: torch.Tensor) -> None:
         raise ValueError("scores contain NaN (the hidden states at prune_layer or prune_layer-1 contain NaN)")
 
 
-def _rank_desc(scores: torch.Tensor) -> torch.Tensor:
-    """Indices sorting each row by descending score; ties: lower index first (stable sort)."""
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+def compact(mask: torch.Tensor, count) -> torch.Tensor:
+    """Positions of the True entries of each row of ``mask (B, n)``, ascending, as ``(B, count)``;
+    every row must hold exactly ``count`` True entries.
+
+    Sort-free and shape-static (cumsum + scatter into a spare slot), so it exports to ONNX
+    (CumSum, ScatterElements) and to TensorRT, whose TopK/sort cannot take a full token list.
+    """
+    B, n = mask.shape
+    pos = torch.cumsum(mask.to(torch.long), dim=1) - 1
+    dst = torch.where(mask, pos, torch.full_like(pos, count))  # unselected -> spare slot `count`
+    src = torch.arange(n, device=mask.device).unsqueeze(0).expand(B, n)
+    out = torch.zeros(B, count + 1, dtype=torch.long, device=mask.device).scatter(1, dst, src)
+    return out[:, :count]
+
+
+def _split_top(scores: torch.Tensor, keep) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-``keep`` of each row -> (kept positions, removed positions), each ascending."""
+    n = scores.shape[-1]
+    top = torch.topk(scores, keep, dim=-1, largest=True, sorted=False).indices
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(-1, top, True)
+    flat = mask.reshape(-1, n)
+    keep_pos = compact(flat, keep).reshape(*scores.shape[:-1], keep)
+    rem_pos = compact(~flat, n - keep).reshape(*scores.shape[:-1], n - keep)
+    return keep_pos, rem_pos
 
 
 def select_per_segment(
@@ -64,7 +85,10 @@ def select_per_segment(
         :class:`SegmentPlan`.  A segment's protected tokens are always in ``keep_idx``; the kept list
         holds, per segment in order, its protected tokens then its kept prunable tokens.
 
-    Ties are broken towards the lower token index (stable sort), so the result is deterministic.
+    Selection is ``topk`` (exportable; static K), so exact ties among scores are resolved by the
+    backend's TopK: deterministic for a given backend and input (PyTorch CPU and ONNX Runtime may
+    pick different members of a tie).  The order of the kept list never depends on ties: it is
+    ascending original position (a sort-free compaction, see :func:`compact`).
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be (B, N), got shape {tuple(scores.shape)}")
@@ -78,25 +102,23 @@ def select_per_segment(
     P = layout.protected
     same_len = len(segs) > 1 and len({(s.length, s.keep) for s in segs}) == 1
     if same_len:
-        # All segments alike (video frames): one batched sort over (B * S, n).
+        # All segments alike (video frames): one batched selection over (B, S, n).
         S, n, kp = len(segs), segs[0].length, segs[0].keep
-        sc = scores.reshape(B, S, n)[:, :, P:]
-        order = _rank_desc(sc) + P
+        keep, rem = _split_top(scores.reshape(B, S, n)[:, :, P:], kp)
         starts = torch.arange(S, device=device).mul(n).view(1, S, 1)
-        keep = torch.sort(order[:, :, :kp], dim=-1).values + starts
-        rem = torch.sort(order[:, :, kp:], dim=-1).values + starts
+        keep = keep + starts + P
+        rem = rem + starts + P
         if P:
             prot = torch.arange(P, device=device).view(1, 1, P) + starts
             keep = torch.cat([prot.expand(B, S, P), keep], dim=-1)
         return keep.reshape(B, -1), rem.reshape(B, -1), plan
     for s in segs:
-        sc = scores[:, s.start + P : s.start + s.length]
-        order = _rank_desc(sc)
         base = s.start + P
+        kpos, rpos = _split_top(scores[:, base : s.start + s.length], s.keep)
         if P:
-            keeps.append(torch.arange(s.start, s.start + P, device=device).unsqueeze(0).expand(B, P))
-        keeps.append(torch.sort(order[:, : s.keep], dim=-1).values + base)
-        rems.append(torch.sort(order[:, s.keep :], dim=-1).values + base)
+            keeps.append(torch.arange(s.start, base, device=device).unsqueeze(0).expand(B, P))
+        keeps.append(kpos + base)
+        rems.append(rpos + base)
     keep_idx = keeps[0] if len(keeps) == 1 else torch.cat(keeps, dim=1)
     rem_idx = rems[0] if len(rems) == 1 else torch.cat(rems, dim=1)
     return keep_idx, rem_idx, plan

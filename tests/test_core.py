@@ -113,11 +113,24 @@ def test_selection_keeps_exactly_k_per_segment_and_protected():
     assert [sp.keep for sp in plan.segments] == [6, 4, 2]
 
 
-def test_selection_ties_broken_towards_lower_index():
-    scores = torch.ones(1, 12)
+def test_selection_ties_deterministic_exact_k_ascending():
+    scores = torch.ones(2, 12)
+    scores[:, 3] = 2.0
     keep, rem, _ = select_per_segment(scores, SegmentLayout(), 0.5)
-    assert keep.tolist() == [[0, 1, 2, 3, 4, 5]]
-    assert rem.tolist() == [[6, 7, 8, 9, 10, 11]]
+    keep2, rem2, _ = select_per_segment(scores.clone(), SegmentLayout(), 0.5)
+    assert torch.equal(keep, keep2) and torch.equal(rem, rem2)
+    for b in range(2):
+        assert 3 in keep[b].tolist() and len(set(keep[b].tolist())) == 6
+        assert keep[b].tolist() == sorted(keep[b].tolist()) and rem[b].tolist() == sorted(rem[b].tolist())
+        assert sorted(keep[b].tolist() + rem[b].tolist()) == list(range(12))
+
+
+def test_compact_lists_true_positions_in_order():
+    from ipcv_core.selection import compact
+
+    mask = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 1, 1]], dtype=torch.bool)
+    assert compact(mask, 3).tolist() == [[1, 2, 4], [0, 3, 4]]
+    assert compact(~mask, 2).tolist() == [[0, 3], [1, 2]]
 
 
 def test_selection_equal_segments_vectorised_path_matches_loop():
