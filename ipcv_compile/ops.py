@@ -10,11 +10,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from ipcv_core.reconstruct import knn_kept, neighbour_weights, ngr, restore
+from ipcv_core.config import IPCVConfig
+from ipcv_core.prune import prune_tokens
+from ipcv_core.reconstruct import ngr, restore
 from ipcv_core.segments import SegmentLayout
-from ipcv_core.selection import feature_difference_score, gather_rows, is_tracing, select_per_segment
+from ipcv_core.selection import is_tracing
 
-__all__ = ["ipcv_prune", "ipcv_reconstruct", "ipcv_gather_tokens"]
+__all__ = ["ipcv_prune", "ipcv_reconstruct", "ipcv_gather_tokens", "ipcv_attention_bias"]
 
 
 def _bnd(x: torch.Tensor, token_dim: int) -> torch.Tensor:
@@ -37,31 +39,35 @@ def ipcv_prune(
     token_dim: int,
     segment_lengths: Optional[Tuple[int, ...]],
     protected: int,
-    retain: float,
-    min_keep: int,
-    k: int,
-    weighting: str,
-    temperature: float,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Score (eq. 1), select per segment, find neighbours, at the input of block ``l_p``.
+    grids: Optional[Tuple[Tuple[int, int], ...]],
+    config: dict,
+):
+    """The prune step of :func:`ipcv_core.prune.prune_tokens` at the input of block ``l_p``.
 
-    The segment layout comes as plain values (``segment_lengths`` None = one segment per batch
-    row), so the graph's generated code can print them.
-
-    Returns ``(x_keep_lp [model layout, K rows], x_rem_lp (B,R,D), keep_idx (B,K), rem_idx (B,R),
-    nbr_idx (B,R,k), nbr_w (B,R,k))``.
+    The layout and config come as plain values (tuples / a dict), so the graph's generated code can
+    print them.  Returns ``(x_keep_lp [model layout, K rows], x_rem_lp (B,R,D), keep_idx (B,K),
+    rem_idx (B,R), nbr_idx (B,R,k), nbr_w (B,R,k), log_size (B,K))`` (``log_size`` zeros when no
+    merge variant is on).
     """
-    layout = SegmentLayout(segment_lengths, protected)
+    layout = SegmentLayout(segment_lengths, protected, grids)
+    cfg = IPCVConfig.from_dict(config)
     xb, pb = _bnd(x_lp, token_dim), _bnd(x_prev, token_dim)
-    if layout.lengths is not None and not is_tracing() and isinstance(xb.shape[1], int):
+    if not is_tracing() and isinstance(xb.shape[1], int):
         layout.check_tokens(xb.shape[1])
-    scores = feature_difference_score(xb, pb)
-    keep, rem, plan = select_per_segment(scores, layout, retain, min_keep)
-    hk = gather_rows(xb, keep)
-    hr = gather_rows(xb, rem)
-    idx, valid = knn_kept(hr, hk, plan, k)
-    w = neighbour_weights(hr, hk, idx, valid, weighting, temperature)
-    return _model_layout(hk, token_dim), hr, keep, rem, idx, w
+    st = prune_tokens(xb, pb, layout, cfg)
+    log_size = st.log_size if st.log_size is not None else torch.zeros_like(st.keep_idx, dtype=torch.float32)
+    return _model_layout(st.h_keep_lp, token_dim), st.h_rem_lp, st.keep_idx, st.rem_idx, st.nbr_idx, st.nbr_w, log_size
+
+
+def ipcv_attention_bias(mask: Optional[torch.Tensor], log_size: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    """SDPA ``attn_mask`` adding ``log(size)`` of every key (proportional attention, ``(B, K)``) to
+    an existing bool / float mask (or none)."""
+    bias = log_size[:, None, None, :].to(dtype)
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, float("-inf"))
+    return mask.to(dtype) + bias
 
 
 def ipcv_reconstruct(

@@ -24,6 +24,9 @@ from typing import Any, Mapping
 __all__ = ["IPCVConfig", "num_keep", "retain_fraction"]
 
 WEIGHTINGS = ("mean", "similarity")
+SELECTIONS = ("score", "random", "stratified", "stratified_random")
+RECONSTRUCTIONS = ("feature", "spatial")
+MERGES = ("none", "size_bias", "average")
 
 
 def _is_int(v: Any) -> bool:
@@ -46,6 +49,21 @@ class IPCVConfig:
         min_keep: minimum number of prunable tokens kept per segment, ``>= 1``.
         reintegrate: restore removed tokens after the last block (the paper: True).  False returns
             only the kept rows (an ablation; the output is then shorter than the input).
+
+    Variants beyond the paper (defaults = the paper's method, the *reference mode*):
+        selection: ``"score"`` (eq. 1 top-K, the paper); ``"random"`` (a seeded hash of the token
+            index, same for every image); ``"stratified"`` (the segment's patch grid is cut into K
+            spatially compact groups along a Z-order curve and the best eq. 1 score of each group is
+            kept: uniform coverage, informed within cells); ``"stratified_random"`` (one hashed
+            random token per group).  Stratified variants need the patch grid (SegmentLayout.grids).
+        reconstruction: neighbours for NGR by ``"feature"`` distance at l_p (the paper) or by
+            ``"spatial"`` distance on the patch grid (needs SegmentLayout.grids).
+        merge: ``"none"`` (the paper); ``"size_bias"`` — each removed token is absorbed by its first
+            neighbour, and after the AS range attention adds ``log(size)`` of every kept token to
+            the logits (ToMe's proportional attention, through SDPA's float mask); ``"average"`` —
+            additionally the kept token's value at l_p becomes the size-weighted mean of itself and
+            the tokens it absorbed (ToMe's merge).
+        seed: seed of ``"random"`` selections.
     """
 
     retain: float = 0.35
@@ -56,6 +74,10 @@ class IPCVConfig:
     similarity_temperature: float = 0.1
     min_keep: int = 1
     reintegrate: bool = True
+    selection: str = "score"
+    reconstruction: str = "feature"
+    merge: str = "none"
+    seed: int = 0
     # Free-form, validated by the component that reads it (variants added beyond the paper).
     extras: Mapping[str, Any] = field(default_factory=dict)
 
@@ -76,6 +98,11 @@ class IPCVConfig:
             raise ValueError(f"IPCVConfig.similarity_temperature must be a finite number > 0, got {t!r}")
         if not _is_int(self.min_keep) or self.min_keep < 1:
             raise ValueError(f"IPCVConfig.min_keep must be an int >= 1, got {self.min_keep!r}")
+        for name, allowed in (("selection", SELECTIONS), ("reconstruction", RECONSTRUCTIONS), ("merge", MERGES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"IPCVConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"IPCVConfig.seed must be an int >= 0, got {self.seed!r}")
         if not isinstance(self.reintegrate, bool):
             raise ValueError(f"IPCVConfig.reintegrate must be a bool, got {self.reintegrate!r}")
         object.__setattr__(self, "retain", float(r))
@@ -96,6 +123,15 @@ class IPCVConfig:
                 f"IPCVConfig.as_depth must be in [0, depth - prune_layer] = [0, {depth - self.prune_layer}] "
                 f"for this model (depth {depth}, prune_layer {self.prune_layer}), got {self.as_depth}"
             )
+
+    @property
+    def is_reference(self) -> bool:
+        """True when this is the paper's method as published (no variant beyond the paper)."""
+        return (self.selection, self.reconstruction, self.merge, self.weighting) == ("score", "feature", "none", "mean")
+
+    @property
+    def needs_grid(self) -> bool:
+        return self.selection.startswith("stratified") or self.reconstruction == "spatial"
 
     @property
     def as_end(self) -> int:

@@ -33,7 +33,8 @@ import torch
 from .config import IPCVConfig
 from .reconstruct import knn_kept, neighbour_weights, ngr, restore
 from .segments import SegmentLayout, SegmentPlan, segment_ids, segment_mask
-from .selection import feature_difference_score, gather_rows, select_per_segment
+from .prune import PruneState, prune_tokens
+from .selection import gather_rows, select_per_segment
 
 __all__ = ["AttnContext", "Block", "Branches", "DriverOutput", "run_blocks", "run_ipcv"]
 
@@ -154,12 +155,12 @@ def run_ipcv(
         h = h + blk.ffn_branch(h)
 
     # ---- prune at the input of block l_p
-    scores = (scores_fn or feature_difference_score)(h, h_prev)
-    keep_idx, rem_idx, plan = select_per_segment(scores, layout, config.retain, config.min_keep)
-    h_keep_lp = gather_rows(h, keep_idx)
-    h_rem_lp = gather_rows(h, rem_idx)
-    nbr_idx, valid = knn_kept(h_rem_lp, h_keep_lp, plan, config.k)
-    w = neighbour_weights(h_rem_lp, h_keep_lp, nbr_idx, valid, config.weighting, config.similarity_temperature)
+    if scores_fn is not None:
+        st = _prune_with_scores(h, h_prev, layout, config, scores_fn)
+    else:
+        st = prune_tokens(h, h_prev, layout, config)
+    keep_idx, rem_idx, plan = st.keep_idx, st.rem_idx, st.plan
+    h_keep_lp, h_rem_lp, nbr_idx, w = st.h_keep_lp, st.h_rem_lp, st.nbr_idx, st.nbr_w
 
     seg_keep = None if seg is None else torch.gather(seg.expand(B, N), 1, keep_idx)
     as_ctx = AttnContext(
@@ -169,7 +170,11 @@ def run_ipcv(
         mask=None if seg is None else segment_mask(seg_keep, seg.expand(B, N)),
     )
     kept_ctx = AttnContext(
-        q_pos=keep_idx, kv_pos=keep_idx, q_in_kv=None, mask=None if seg is None else segment_mask(seg_keep, seg_keep)
+        q_pos=keep_idx,
+        kv_pos=keep_idx,
+        q_in_kv=None,
+        mask=None if seg is None else segment_mask(seg_keep, seg_keep),
+        bias=None if st.log_size is None else st.log_size[:, None, None, :],
     )
 
     x = h_keep_lp
@@ -187,4 +192,14 @@ def run_ipcv(
         out = restore(x, ngr(h_rem_lp, h_keep_lp, x, nbr_idx, w), keep_idx, rem_idx)
     else:
         out = x
-    return DriverOutput(out, keep_idx, rem_idx, nbr_idx, w, scores, plan)
+    return DriverOutput(out, keep_idx, rem_idx, nbr_idx, w, st.scores, plan)
+
+
+def _prune_with_scores(h, h_prev, layout, config, scores_fn) -> PruneState:
+    """The paper's prune step with a caller-supplied score (eq. 1 replaced)."""
+    scores = scores_fn(h, h_prev)
+    keep_idx, rem_idx, plan = select_per_segment(scores, layout, config.retain, config.min_keep)
+    h_keep, h_rem = gather_rows(h, keep_idx), gather_rows(h, rem_idx)
+    nbr_idx, valid = knn_kept(h_rem, h_keep, plan, config.k)
+    w = neighbour_weights(h_rem, h_keep, nbr_idx, valid, config.weighting, config.similarity_temperature)
+    return PruneState(keep_idx, rem_idx, h_keep, h_rem, nbr_idx, w, None, scores, plan)

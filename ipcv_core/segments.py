@@ -11,6 +11,10 @@ Every function in :mod:`ipcv_core` works on hidden states of shape ``(B, N, D)``
 ``protected`` is the number of leading tokens of every segment that are never removed and never
 scored (a CLS token, register tokens).  They stay in place and are not used as NGR neighbours.
 
+``grids`` (optional) gives each segment's patch grid ``(h, w)`` (row-major, after the protected
+tokens): one entry per segment for packed layouts, a single entry for the batched layout (every
+row then has that grid, so the token count is fixed).  Spatial variants need it.
+
 :func:`plan_segments` turns a layout, a token count and a retain ratio into a static
 :class:`SegmentPlan`: for each segment where it starts, how many tokens it keeps and removes, and
 where its kept / removed rows lie in the concatenated kept / removed lists (each list is in
@@ -33,8 +37,21 @@ __all__ = ["SegmentLayout", "SegmentSpec", "SegmentPlan", "plan_segments", "segm
 class SegmentLayout:
     lengths: Optional[Tuple[int, ...]] = None
     protected: int = 0
+    grids: Optional[Tuple[Tuple[int, int], ...]] = None
 
     def __post_init__(self) -> None:
+        if self.grids is not None:
+            grids = tuple((int(h), int(w)) for h, w in self.grids)
+            object.__setattr__(self, "grids", grids)
+            want = 1 if self.lengths is None else len(self.lengths)
+            if len(grids) != want:
+                raise ValueError(f"SegmentLayout.grids must have {want} entries (one per segment), got {len(grids)}")
+            if self.lengths is not None:
+                for (h, w), n in zip(grids, self.lengths):
+                    if h * w + self.protected != n:
+                        raise ValueError(
+                            f"SegmentLayout.grids: grid {h}x{w} + {self.protected} protected != segment length {n}"
+                        )
         if self.lengths is not None:
             lengths = tuple(self.lengths)
             if not lengths or any((not isinstance(n, int)) or isinstance(n, bool) or n < 1 for n in lengths):
@@ -48,12 +65,28 @@ class SegmentLayout:
             raise ValueError(f"SegmentLayout.protected must be an int >= 0, got {self.protected!r}")
 
     @classmethod
-    def batched(cls, protected: int = 0) -> "SegmentLayout":
-        return cls(None, protected)
+    def batched(cls, protected: int = 0, grid: Optional[Tuple[int, int]] = None) -> "SegmentLayout":
+        return cls(None, protected, None if grid is None else (tuple(grid),))
 
     @classmethod
-    def packed(cls, lengths: Sequence[int], protected: int = 0) -> "SegmentLayout":
-        return cls(tuple(int(n) for n in lengths), protected)
+    def packed(cls, lengths: Sequence[int], protected: int = 0, grids=None) -> "SegmentLayout":
+        return cls(tuple(int(n) for n in lengths), protected, None if grids is None else tuple(map(tuple, grids)))
+
+    @property
+    def static_tokens(self) -> Optional[int]:
+        """Tokens per row fixed by this layout (packed lengths or a batched grid), else None."""
+        if self.lengths is not None:
+            return sum(self.lengths)
+        if self.grids is not None:
+            h, w = self.grids[0]
+            return h * w + self.protected
+        return None
+
+    def segment_grid(self, i: int) -> Tuple[int, int]:
+        if self.grids is None:
+            raise ValueError("this IPCV variant needs the patch grid: give SegmentLayout(grids=...) "
+                             "(adapters supply it)")
+        return self.grids[i]
 
     @property
     def num_segments(self) -> int:
@@ -66,6 +99,10 @@ class SegmentLayout:
             )
         if self.lengths is None and isinstance(n_tokens, int) and n_tokens <= self.protected:
             raise ValueError(f"input has {n_tokens} tokens, not more than the {self.protected} protected ones")
+        if self.lengths is None and self.grids is not None and isinstance(n_tokens, int):
+            h, w = self.grids[0]
+            if h * w + self.protected != n_tokens:
+                raise ValueError(f"input has {n_tokens} tokens but SegmentLayout.grids says {h}x{w} + {self.protected}")
 
 
 @dataclass(frozen=True)

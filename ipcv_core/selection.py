@@ -73,7 +73,12 @@ def _split_top(scores: torch.Tensor, keep) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def select_per_segment(
-    scores: torch.Tensor, layout: SegmentLayout, retain: float, min_keep: int = 1, plan: SegmentPlan | None = None
+    scores: torch.Tensor,
+    layout: SegmentLayout,
+    retain: float,
+    min_keep: int = 1,
+    plan: SegmentPlan | None = None,
+    strategy: str = "topk",
 ) -> Tuple[torch.Tensor, torch.Tensor, SegmentPlan]:
     """Keep the top ``K_i = ceil(r * n_i)`` prunable tokens of every segment.
 
@@ -84,6 +89,10 @@ def select_per_segment(
         ``keep_idx (B, K)``, ``rem_idx (B, R)`` original positions, each ascending, and the static
         :class:`SegmentPlan`.  A segment's protected tokens are always in ``keep_idx``; the kept list
         holds, per segment in order, its protected tokens then its kept prunable tokens.
+
+    ``strategy="stratified"``: one kept token per spatially compact group of the segment's patch
+    grid (:func:`ipcv_core.variants.stratified_top`; needs ``layout.grids``) instead of the global
+    top-K.
 
     Selection is ``topk`` (exportable; static K), so exact ties among scores are resolved by the
     backend's TopK: deterministic for a given backend and input (PyTorch CPU and ONNX Runtime may
@@ -100,6 +109,24 @@ def select_per_segment(
     keeps, rems = [], []
     segs = plan.segments
     P = layout.protected
+    if strategy not in ("topk", "stratified"):
+        raise ValueError(f"strategy must be 'topk' or 'stratified', got {strategy!r}")
+    if strategy == "stratified":
+        from .variants import stratified_top
+
+        for i, s in enumerate(segs):
+            base = s.start + P
+            sc = scores[:, base : s.start + s.length]
+            top = stratified_top(sc, layout.segment_grid(i), s.keep)
+            n = s.length - P
+            mask = torch.zeros(B, n, dtype=torch.bool, device=device).scatter(1, top, True)
+            if P:
+                keeps.append(torch.arange(s.start, base, device=device).unsqueeze(0).expand(B, P))
+            keeps.append(compact(mask, s.keep) + base)
+            rems.append(compact(~mask, n - s.keep) + base)
+        keep_idx = keeps[0] if len(keeps) == 1 else torch.cat(keeps, dim=1)
+        rem_idx = rems[0] if len(rems) == 1 else torch.cat(rems, dim=1)
+        return keep_idx, rem_idx, plan
     same_len = len(segs) > 1 and len({(s.length, s.keep) for s in segs}) == 1
     if same_len:
         # All segments alike (video frames): one batched selection over (B, S, n).

@@ -264,9 +264,9 @@ def make_inputs(
     if spec.rotary:
         cos, sin = rope_tables(grids, spec.dim // spec.heads, protected)
     if packed:
-        layout = SegmentLayout.packed(lengths, protected)
+        layout = SegmentLayout.packed(lengths, protected, grids)
     else:
-        layout = SegmentLayout.batched(protected)
+        layout = SegmentLayout.batched(protected, grids[0])
     mask = None
     if layout.num_segments > 1:
         seg = segment_ids(layout, N).unsqueeze(0)

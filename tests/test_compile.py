@@ -37,6 +37,8 @@ def captured():
         m = SyntheticViT(spec).eval()
         batch = 1 if packed else 2
         h, cos, sin, mask, layout = make_inputs(spec, grids, prot, batch=batch, packed=packed)
+        if not packed:
+            layout = SegmentLayout.batched(prot)  # no grid: one graph for every token count
         args = _args(cos, sin, mask, h)
         out[name] = (m, args, layout, capture(m, args))
     return out
@@ -96,7 +98,8 @@ def test_one_graph_serves_two_token_counts(captured):
 def test_rotary_graph_serves_two_token_counts():
     spec = ViTSpec(depth=4, rotary=True, fused_qkv=True)
     m = SyntheticViT(spec).eval()
-    h, cos, sin, mask, layout = make_inputs(spec, [(6, 6)], 0, batch=2, packed=False)
+    h, cos, sin, mask, _ = make_inputs(spec, [(6, 6)], 0, batch=2, packed=False)
+    layout = SegmentLayout.batched()
     cfg = IPCVConfig(retain=0.5, prune_layer=1, as_depth=1, k=3)
     rm = rewrite(m, cfg, example_inputs=(h, cos, sin, mask), spec=SPEC, layout=layout)
     h2, cos2, sin2, mask2, _ = make_inputs(spec, [(5, 9)], 0, batch=3, packed=False, seed=7)

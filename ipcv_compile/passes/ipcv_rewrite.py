@@ -126,15 +126,12 @@ class IPCVRewritePass:
                     token_dim=td,
                     segment_lengths=self.layout.lengths,
                     protected=self.layout.protected,
-                    retain=cfg.retain,
-                    min_keep=cfg.min_keep,
-                    k=cfg.k,
-                    weighting=cfg.weighting,
-                    temperature=cfg.similarity_temperature,
+                    grids=self.layout.grids,
+                    config=cfg.to_dict(),
                 ),
                 "ipcv_prune",
             )
-            x_keep_lp, x_rem_lp, keep_idx, rem_idx, nbr_idx, nbr_w = (getitem(prune, i) for i in range(6))
+            x_keep_lp, x_rem_lp, keep_idx, rem_idx, nbr_idx, nbr_w, log_size = (getitem(prune, i) for i in range(7))
         # side inputs used after the AS range, gathered once (right after the prune point, or
         # right after the side value itself when the graph defines it later)
         order = {n: i for i, n in enumerate(g.nodes)}
@@ -177,6 +174,8 @@ class IPCVRewritePass:
                     for s, s_k in gathered.items():
                         if s in n.all_input_nodes:
                             n.replace_input_with(s, s_k)
+                if cfg.merge != "none":
+                    self._proportional_attention(g, blk, log_size, report)
             self._follow_token_count(list(blk.nodes) + extra, gmap.token_symbol, report)
             block_in = blk.output
 
@@ -189,8 +188,9 @@ class IPCVRewritePass:
                 for u in users:
                     u.replace_input_with(last, full)
         clean_up(gm)
-        # a packed layout (static segment lengths) fixes the token count of the rewritten graph
-        static = {gmap.token_symbol: sum(self.layout.lengths)} if self.layout.lengths is not None else None
+        # a packed layout (static segment lengths) or a patch grid fixes the token count of the graph
+        n_static = self.layout.static_tokens
+        static = {gmap.token_symbol: n_static} if n_static is not None else None
         refresh_meta(gm, static)
         gm.meta["ipcv_report"] = report
         return PassResult(gm, True)
@@ -245,6 +245,25 @@ class IPCVRewritePass:
                             core.kwargs = kw
                 core.args = tuple(args)
         return copies
+
+    def _proportional_attention(self, g, blk, log_size, report):
+        """Merge variants: every SDPA of a block after the AS range adds log(size) of its keys."""
+        for core in blk.attn_cores:
+            args = list(core.args)
+            mask = args[3] if len(args) > 3 else core.kwargs.get("attn_mask")
+            q = args[0]
+            with g.inserting_before(core):
+                bias = g.call_function(
+                    ipcv_ops.ipcv_attention_bias, (mask, log_size), dict(dtype=q.meta["val"].dtype)
+                )
+            report.inserted["ipcv_attention_bias"] += 1
+            if len(args) > 3:
+                args[3] = bias
+                core.args = tuple(args)
+            else:
+                kw = dict(core.kwargs)
+                kw["attn_mask"] = bias
+                core.kwargs = kw
 
     def _follow_token_count(self, nodes, sym, report):
         for n in nodes:

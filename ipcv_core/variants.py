@@ -1,0 +1,97 @@
+"""Building blocks of the variants beyond the paper (see :class:`ipcv_core.IPCVConfig`):
+deterministic hashed random scores, spatially stratified groups, grid coordinates and
+size-weighted absorption of removed tokens.  All static-shape and export-friendly.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Tuple
+
+import torch
+
+__all__ = ["hash_scores", "zorder_groups", "stratified_top", "grid_coords", "absorb_sizes", "merge_average"]
+
+_M = 2**31
+
+
+def hash_scores(n, seed: int, device=None) -> torch.Tensor:
+    """``(n,)`` pseudo-random scores in ``[0, 1)`` from the token index alone (two rounds of an
+    integer LCG: exact on every backend, so eager, ONNX and TensorRT pick the same tokens).
+    The same for every image, independent of batch position."""
+    i = torch.arange(n, device=device, dtype=torch.long)
+    x = (i * 1103515245 + 12345 + seed * 2654435) % _M
+    x = (x * 1103515245 + 12345) % _M
+    x = (x * 69069 + 1) % _M
+    return x.to(torch.float32) / float(_M)
+
+
+def _morton(r: int, c: int) -> int:
+    code = 0
+    for b in range(16):
+        code |= ((r >> b) & 1) << (2 * b + 1) | ((c >> b) & 1) << (2 * b)
+    return code
+
+
+@lru_cache(maxsize=256)
+def _groups_list(h: int, w: int, k: int) -> Tuple[Tuple[int, ...], ...]:
+    order = sorted(range(h * w), key=lambda t: _morton(t // w, t % w))
+    n = h * w
+    groups = []
+    for g in range(k):
+        lo, hi = (g * n) // k, ((g + 1) * n) // k
+        groups.append(tuple(order[lo:hi]))
+    return tuple(groups)
+
+
+def zorder_groups(h: int, w: int, k: int, device=None) -> torch.Tensor:
+    """``(k, G)`` member indices (row-major within the ``h x w`` grid) of ``k`` spatially compact
+    groups: the grid in Z-order (Morton) cut into ``k`` runs of ``floor``/``ceil(h*w/k)`` cells.
+    Short groups are padded with ``h*w`` (a sentinel column)."""
+    if not (1 <= k <= h * w):
+        raise ValueError(f"stratified selection needs 1 <= K <= h*w, got K={k} for a {h}x{w} grid")
+    groups = _groups_list(h, w, k)
+    G = max(len(g) for g in groups)
+    rows = [list(g) + [h * w] * (G - len(g)) for g in groups]
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def stratified_top(scores: torch.Tensor, grid: Tuple[int, int], k: int) -> torch.Tensor:
+    """One token per Z-order group, the best-scoring one: ``(B, n) -> (B, k)`` positions (group
+    order, not sorted).  ``n == h*w``."""
+    h, w = grid
+    B = scores.shape[0]
+    members = zorder_groups(h, w, k, scores.device)  # (k, G)
+    ext = torch.cat([scores, torch.full((B, 1), float("-inf"), dtype=scores.dtype, device=scores.device)], dim=1)
+    g = ext[:, members.reshape(-1)].reshape(B, *members.shape)  # (B, k, G)
+    best = torch.argmax(g, dim=-1, keepdim=True)  # (B, k, 1)
+    return torch.gather(members.unsqueeze(0).expand(B, -1, -1), 2, best).squeeze(-1)
+
+
+def grid_coords(grids, lengths, protected: int, device=None) -> torch.Tensor:
+    """``(N, 2)`` float (row, col) of every token of a row; protected tokens get (-1, -1)."""
+    rows = []
+    for (h, w), n in zip(grids, lengths):
+        rows += [(-1.0, -1.0)] * protected
+        rows += [(float(t // w), float(t % w)) for t in range(h * w)]
+    return torch.tensor(rows, dtype=torch.float32, device=device)
+
+
+def absorb_sizes(nbr_idx: torch.Tensor, valid: torch.Tensor, n_keep) -> torch.Tensor:
+    """Size of every kept row once each removed row is absorbed by its first neighbour:
+    ``(B, R, k), (B, R, k), K -> (B, K)`` float32 (1 + number absorbed)."""
+    B = nbr_idx.shape[0]
+    first = nbr_idx[:, :, 0]
+    ones = valid[:, :, 0].to(torch.float32)
+    sizes = torch.ones(B, n_keep, dtype=torch.float32, device=nbr_idx.device)
+    return sizes.scatter_add(1, first, ones)
+
+
+def merge_average(h_keep: torch.Tensor, h_rem: torch.Tensor, nbr_idx: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Kept rows replaced by the mean of themselves and the removed rows they absorbed (ToMe's
+    size-weighted merge, every token of size 1 at the merge point)."""
+    B, K, D = h_keep.shape
+    first = nbr_idx[:, :, 0:1].expand(-1, -1, D)
+    acc = h_keep.float().scatter_add(1, first, h_rem.float())
+    return (acc / sizes.unsqueeze(-1)).to(h_keep.dtype)
+

@@ -1,0 +1,131 @@
+"""Variants beyond the paper: defining properties, and graph rewrite == eager driver for each."""
+
+import pytest
+import torch
+
+from ipcv_compile import LocateSpec, capture, rewrite_graph
+from ipcv_core import IPCVConfig, SegmentLayout, run_ipcv
+from ipcv_core.prune import prune_tokens
+from ipcv_core.testing import SyntheticViT, ViTSpec, make_inputs
+from ipcv_core.variants import absorb_sizes, hash_scores, merge_average, zorder_groups
+
+
+def test_hash_scores_deterministic_and_spread():
+    a, b = hash_scores(1000, 0), hash_scores(1000, 0)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, hash_scores(1000, 1))
+    assert 0.0 <= a.min() and a.max() < 1.0
+    assert abs(a.mean().item() - 0.5) < 0.05 and len(set(a.tolist())) > 990
+
+
+@pytest.mark.parametrize("h,w,k", [(6, 6, 18), (7, 5, 7), (16, 16, 52), (3, 9, 27)])
+def test_zorder_groups_partition_the_grid_compactly(h, w, k):
+    g = zorder_groups(h, w, k)
+    members = [m for m in g.flatten().tolist() if m != h * w]
+    assert sorted(members) == list(range(h * w)), "groups must partition the grid"
+    sizes = (g != h * w).sum(1)
+    assert sizes.max() - sizes.min() <= 1
+    # compact on average (a Z-order run may straddle a quadrant boundary now and then)
+    areas = []
+    for row in g.tolist():
+        cells = [m for m in row if m != h * w]
+        rs, cs = [m // w for m in cells], [m % w for m in cells]
+        areas.append((max(rs) - min(rs) + 1) * (max(cs) - min(cs) + 1) / len(cells))
+    assert sum(areas) / len(areas) <= 3.0
+
+
+def test_stratified_selection_covers_every_group():
+    torch.manual_seed(0)
+    layout = SegmentLayout.packed((1 + 64, 1 + 30), protected=1, grids=((8, 8), (5, 6)))
+    h = torch.randn(2, 96, 8)
+    cfg = IPCVConfig(retain=0.25, prune_layer=1, as_depth=0, selection="stratified", k=2)
+    st = prune_tokens(h, h * 0.5, layout, cfg)
+    scores = st.scores
+    for b in range(2):
+        keep = set(st.keep_idx[b].tolist())
+        for start, (gh, gw), K in [(1, (8, 8), 16), (66, (5, 6), 8)]:
+            groups = zorder_groups(gh, gw, K)
+            for row in groups.tolist():
+                cells = [start + m for m in row if m != gh * gw]
+                kept_here = [c for c in cells if c in keep]
+                assert len(kept_here) == 1, "exactly one kept token per group"
+                best = max(cells, key=lambda c: scores[b, c].item())
+                assert kept_here[0] == best, "the best eq.1 score of the group is kept"
+        assert 0 in keep and 65 in keep
+
+
+def test_spatial_neighbours_are_grid_nearest_kept_tokens():
+    torch.manual_seed(0)
+    layout = SegmentLayout.batched(protected=1, grid=(6, 7))
+    h = torch.randn(1, 43, 8)
+    cfg = IPCVConfig(retain=0.3, prune_layer=1, as_depth=0, reconstruction="spatial", k=3)
+    st = prune_tokens(h, torch.zeros_like(h), layout, cfg)
+    keep, rem = st.keep_idx[0].tolist(), st.rem_idx[0].tolist()
+    coord = lambda p: ((p - 1) // 7, (p - 1) % 7)
+    for i, rp in enumerate(rem):
+        d = lambda p: (coord(p)[0] - coord(rp)[0]) ** 2 + (coord(p)[1] - coord(rp)[1]) ** 2
+        cand = sorted(d(p) for p in keep if p != 0)
+        got = sorted(d(keep[j]) for j in st.nbr_idx[0, i].tolist())
+        assert got == cand[:3], "neighbours must be the 3 grid-nearest kept tokens"
+        assert 0 not in [keep[j] for j in st.nbr_idx[0, i].tolist()]
+    torch.testing.assert_close(st.nbr_w.sum(-1), torch.ones(1, len(rem)))
+
+
+def test_absorb_sizes_and_merge_average():
+    idx = torch.tensor([[[0, 1], [0, 2], [2, 0]]])
+    valid = torch.ones(1, 3, 2, dtype=torch.bool)
+    sizes = absorb_sizes(idx, valid, 4)
+    assert sizes.tolist() == [[3.0, 1.0, 2.0, 1.0]]
+    assert sizes.sum() == 4 + 3
+    hk, hr = torch.randn(1, 4, 5), torch.randn(1, 3, 5)
+    m = merge_average(hk, hr, idx, sizes)
+    torch.testing.assert_close(m[0, 0], (hk[0, 0] + hr[0, 0] + hr[0, 1]) / 3)
+    torch.testing.assert_close(m[0, 2], (hk[0, 2] + hr[0, 2]) / 2)
+    torch.testing.assert_close(m[0, 1], hk[0, 1])
+
+
+def test_reference_mode_is_default():
+    assert IPCVConfig().is_reference and not IPCVConfig(selection="random").is_reference
+    with pytest.raises(ValueError, match="IPCVConfig.selection"):
+        IPCVConfig(selection="best")
+    with pytest.raises(ValueError, match="patch grid"):
+        prune_tokens(torch.randn(1, 10, 4), torch.randn(1, 10, 4), SegmentLayout(),
+                     IPCVConfig(selection="stratified", prune_layer=1))
+
+
+SPEC = LocateSpec(blocks="blocks", attention="attn", ffn="mlp")
+VARIANTS = [
+    dict(selection="random"),
+    dict(selection="stratified"),
+    dict(selection="stratified_random", reconstruction="spatial"),
+    dict(reconstruction="spatial", weighting="similarity"),
+    dict(selection="stratified", merge="size_bias", as_depth=0),
+    dict(selection="stratified", merge="average", reconstruction="spatial", as_depth=1),
+]
+
+
+@pytest.fixture(scope="module")
+def captured():
+    out = {}
+    for name, (spec, grids, prot, packed) in {
+        "batched-cls": (ViTSpec(depth=4, layerscale=True, fused_qkv=False), [(5, 6)], 1, False),
+        "packed-rotary": (ViTSpec(depth=4, rotary=True), [(4, 4), (3, 5)], 0, True),
+    }.items():
+        m = SyntheticViT(spec).eval()
+        h, cos, sin, mask, layout = make_inputs(spec, grids, prot, batch=1 if packed else 2, packed=packed)
+        args = (h, cos, sin, mask)
+        out[name] = (m, args, layout, capture(m, args))
+    return out
+
+
+@pytest.mark.parametrize("case", ["batched-cls", "packed-rotary"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
+def test_variant_graph_equals_driver(captured, case, variant):
+    m, args, layout, gm = captured[case]
+    cfg = IPCVConfig(**{**dict(retain=0.35, prune_layer=1, as_depth=2, k=3), **variant})
+    rm = rewrite_graph(gm, cfg, SPEC, layout)
+    h, cos, sin, _ = args
+    with torch.no_grad():
+        out = rm(*args)
+        ref = m.norm(run_ipcv(h, m.branches(cos, sin), cfg, layout).hidden_states)
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
