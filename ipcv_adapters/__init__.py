@@ -1,2 +1,34 @@
 """ipcv_adapters: all model knowledge (which modules are blocks / attention / FFN, segments,
-side inputs, exportable inputs).  ``ipcv_core`` and ``ipcv_compile`` never name a model."""
+side inputs, exportable block stacks, preparation and finishing).  ``ipcv_core`` and
+``ipcv_compile`` never name a model.
+
+    tower = ipcv_compile.rewrite(model.model.visual, retain=0.35)   # -> IPCVTower (drop-in)
+
+Supported towers: Qwen2-VL (``Qwen2VisionTransformerPretrainedModel``), InternVL3
+(``InternVLVisionModel``), ``Dinov2Model``, ``SiglipVisionModel``, ``CLIPVisionModel``.  New ones:
+subclass :class:`TowerAdapter` and decorate with :func:`register_adapter`.
+"""
+
+from .base import OutputRequest, Prepared, TowerAdapter, attention_shell, pop_output_request, shells
+from .registry import (
+    UnsupportedTowerError,
+    adapters,
+    find_adapter,
+    register_adapter,
+    rewrite_with_adapter,
+    run_eager,
+    supported_towers,
+)
+from .tower import IPCVTower
+
+# built-in adapters (importing registers them; transformers is imported only when a tower is used)
+from . import qwen2_vl as _qwen2_vl  # noqa: E402,F401
+from . import internvl as _internvl  # noqa: E402,F401
+from . import dinov2 as _dinov2  # noqa: E402,F401
+from . import clip_siglip as _clip_siglip  # noqa: E402,F401
+
+__all__ = [
+    "OutputRequest", "Prepared", "TowerAdapter", "attention_shell", "pop_output_request", "shells",
+    "UnsupportedTowerError", "adapters", "find_adapter", "register_adapter", "rewrite_with_adapter",
+    "run_eager", "supported_towers", "IPCVTower",
+]

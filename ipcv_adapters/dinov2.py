@@ -1,7 +1,8 @@
-"""DINOv2 (``transformers.Dinov2Model``) for the eager IPCV driver.
+"""DINOv2 (``transformers.Dinov2Model``): the eager IPCV driver helpers and the compiler adapter.
 
 Blocks: ``encoder.layer[i]`` = norm1 -> attention (q/k/v/o projections) -> layer_scale1 -> +res,
-norm2 -> mlp -> layer_scale2 -> +res.  One CLS token per image (protected), images are the batch.
+norm2 -> mlp -> layer_scale2 -> +res.  One CLS token per image (protected), images are the batch
+(one segment per image; one rewritten graph serves every batch size and resolution).
 """
 
 from __future__ import annotations
@@ -11,8 +12,14 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 from ipcv_core import AttnContext, Branches, IPCVConfig, SegmentLayout, run_blocks, run_ipcv
 from ipcv_core.driver import DriverOutput
+
+from .base import Prepared, pop_output_request
+from .common import BatchedViTAdapter, reject_kwargs
+from .registry import register_adapter
 
 
 def _attention_branch(layer, x_q, x_kv, ctx: AttnContext):
@@ -73,3 +80,42 @@ def load_dinov2(path: str):
     from transformers import Dinov2Model
 
     return Dinov2Model.from_pretrained(path).eval()
+
+
+@register_adapter
+class Dinov2Adapter(BatchedViTAdapter):
+    name = "dinov2"
+    tower_classes = ("transformers.models.dinov2.modeling_dinov2.Dinov2Model",)
+    spec = BatchedViTAdapter.make_spec(attention="attention")
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.tower.encoder.layer
+
+    @property
+    def protected(self) -> int:
+        return dinov2_layout(self.tower).protected
+
+    def prepare(self, pixel_values: torch.Tensor = None, bool_masked_pos=None, attention_mask=None, **kwargs) -> Prepared:
+        req = pop_output_request(kwargs, self.tower.config, self.depth)
+        reject_kwargs(kwargs, "Dinov2Model")
+        if attention_mask is not None:
+            raise NotImplementedError("IPCV-rewritten Dinov2Model: attention_mask is not supported")
+        if pixel_values is None:
+            raise ValueError("Dinov2Model needs pixel_values")
+        emb = self.tower.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+        return Prepared(emb, (), self.layout(), req)
+
+    def finish(self, hidden: torch.Tensor, prep: Prepared):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        seq = self.tower.layernorm(hidden)
+        out = BaseModelOutputWithPooling(
+            last_hidden_state=seq,
+            pooler_output=seq[:, 0, :],
+            hidden_states=self.hidden_states_tuple(hidden, prep),
+        )
+        return out if prep.request.return_dict else out.to_tuple()
+
+    def branches(self, prep: Prepared) -> List[Branches]:
+        return dinov2_branches(self.tower)

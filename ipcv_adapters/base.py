@@ -1,0 +1,235 @@
+"""The adapter protocol: everything the compiler and the eager driver need to know about one tower.
+
+An adapter (a :class:`TowerAdapter` subclass, registered with :func:`register_adapter`) says
+
+* **which towers** it handles (``tower_classes``, dotted class names, matched along the MRO, so
+  transformers is imported only when a tower is actually given);
+* **where things are** (``spec``, a :class:`ipcv_compile.LocateSpec` relative to :meth:`block_stack`);
+* **segments** (``packed``: one row holding several segments — Qwen2-VL, one per image / video
+  frame — else one segment per batch row; and ``protected`` leading tokens, e.g. CLS);
+* an **exportable block stack** (:meth:`block_stack`): a small ``nn.Module`` that runs the tower's own
+  block modules on ``(hidden_states, *side_inputs)`` — per-token side inputs such as rotary
+  ``cos``/``sin`` and a block-diagonal bool mask are plain tensor inputs;
+* the **data-dependent preparation** outside the graph (:meth:`prepare`: patch embedding, rotary
+  tables, ``cu_seqlens`` -> :class:`SegmentLayout` + mask), giving a :class:`Prepared`;
+* the **finishing step** (:meth:`finish`: final norm / PatchMerger / pooler) producing the tower's
+  original output type;
+* **eager branches** (:meth:`branches`) implementing ipcv_core's ``Block`` protocol — the oracle the
+  rewritten graph is tested against, and the path for serving engines that cannot export.
+
+Adapters keep no per-call state: everything a call needs travels in its :class:`Prepared`.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ipcv_compile.spec import LocateSpec
+from ipcv_core.driver import Block
+from ipcv_core.segments import SegmentLayout
+
+__all__ = [
+    "Prepared",
+    "TowerAdapter",
+    "OutputRequest",
+    "pop_output_request",
+    "attention_shell",
+    "class_path",
+]
+
+
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass
+class OutputRequest:
+    """What the caller asked for besides ``last_hidden_state`` (HF's ``return_dict`` /
+    ``output_hidden_states`` / ``output_attentions`` conventions)."""
+
+    return_dict: bool = True
+    last_hidden_only: bool = False  # hidden_states requested, but only the last one (index -1)
+
+
+def pop_output_request(kwargs: Dict[str, Any], config, depth: int) -> OutputRequest:
+    """Pop HF's output flags from ``kwargs``.
+
+    Intermediate hidden states and attention maps do not exist in the rewritten tower (tokens are
+    removed inside it), so only the last hidden state may be requested — as InternVL's
+    ``get_image_features`` does with ``output_hidden_states=-1`` (``vision_feature_layer=-1``).
+    """
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(config, "return_dict", True)
+    if kwargs.pop("output_attentions", None):
+        raise NotImplementedError(
+            "output_attentions is not available from an IPCV-rewritten tower (attention maps of pruned "
+            "blocks do not cover all tokens); call the original tower for attention maps"
+        )
+    hs = kwargs.pop("output_hidden_states", None)
+    last_only = False
+    if hs is not None and hs is not False:
+        sel = [hs] if isinstance(hs, int) and not isinstance(hs, bool) else hs
+        if hs is True or not all(isinstance(i, int) and i in (-1, depth) for i in sel):
+            raise NotImplementedError(
+                f"output_hidden_states={hs!r}: an IPCV-rewritten tower only provides the last hidden state "
+                "(index -1; e.g. vision_feature_layer=-1), not the intermediate ones, whose pruned blocks "
+                "do not hold all tokens"
+            )
+        last_only = True
+    return OutputRequest(bool(return_dict), last_only)
+
+
+@dataclass
+class Prepared:
+    """One call's inputs to the block stack, and what :meth:`TowerAdapter.finish` needs.
+
+    Attributes:
+        hidden: the residual stream entering block 0, in the tower's layout (``(B, N, D)``, or packed
+            ``(N, D)`` for Qwen2-VL).
+        side: further positional inputs of the block stack (rotary cos/sin, mask), in order.
+        layout: the segment layout of ``hidden`` (packed lengths, protected prefix).
+        request: the caller's output flags.
+        context: anything else ``finish`` needs (e.g. ``grid_thw``); per call, never stored.
+    """
+
+    hidden: torch.Tensor
+    side: Tuple[torch.Tensor, ...]
+    layout: SegmentLayout
+    request: OutputRequest = field(default_factory=OutputRequest)
+    context: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stack_inputs(self) -> Tuple[torch.Tensor, ...]:
+        return (self.hidden, *self.side)
+
+
+class TowerAdapter(ABC):
+    """Base class of all adapters; see the module docstring.  One instance per tower."""
+
+    #: short name (``"qwen2_vl"``)
+    name: ClassVar[str] = ""
+    #: dotted paths of the tower classes handled (subclasses match too)
+    tower_classes: ClassVar[Tuple[str, ...]] = ()
+    #: True: one row of several segments (per-layout graphs); False: one segment per batch row
+    packed: ClassVar[bool] = False
+    #: where blocks / attention / FFN are, relative to :meth:`block_stack`
+    spec: ClassVar[LocateSpec]
+    #: attention implementation used inside the block stack (must produce one SDPA per block)
+    attn_implementation: ClassVar[str] = "sdpa"
+
+    def __init__(self, tower: nn.Module):
+        self.tower = tower
+
+    # ------------------------------------------------------------------ recognition
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        names = {class_path(c) for c in type(module).__mro__}
+        return any(t in names for t in cls.tower_classes)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    @abstractmethod
+    def blocks(self) -> nn.ModuleList:
+        """The tower's own block modules."""
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def protected(self) -> int:
+        """Leading tokens of every segment that are never removed (CLS, registers)."""
+        return 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.blocks.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.blocks.parameters()).device
+
+    @abstractmethod
+    def block_stack(self) -> nn.Module:
+        """An exportable module ``forward(hidden_states, *side) -> hidden_states`` over the tower's
+        own blocks (see :func:`attention_shell`)."""
+
+    @abstractmethod
+    def example_inputs(self) -> Tuple[Tuple[torch.Tensor, ...], Tuple[Optional[Dict[int, Any]], ...]]:
+        """Example ``(hidden, *side)`` for capture, and their dynamic shapes (token dim dynamic;
+        batch dim too for batched layouts)."""
+
+    # ------------------------------------------------------------------ per call
+    @abstractmethod
+    def prepare(self, *args, **kwargs) -> Prepared:
+        """The tower's own call signature -> block-stack inputs (data-dependent work, eager)."""
+
+    @abstractmethod
+    def finish(self, hidden: torch.Tensor, prep: Prepared) -> Any:
+        """Block-stack output (full length, original order) -> the tower's original output type."""
+
+    @abstractmethod
+    def branches(self, prep: Prepared) -> List[Block]:
+        """Eager :class:`ipcv_core.Block` objects for this call (bound to its side inputs), working on
+        ``(B, L, D)`` rows (a packed tower's sequence is one row)."""
+
+    # ------------------------------------------------------------------ helpers for finish()
+    def hidden_states_tuple(self, last: torch.Tensor, prep: Prepared) -> Optional[Tuple]:
+        """``hidden_states`` as HF returns it for a last-only selection: ``depth + 1`` entries,
+        all ``None`` but the last block's output."""
+        if not prep.request.last_hidden_only:
+            return None
+        return (None,) * self.depth + (last,)
+
+    def describe(self) -> str:
+        lay = "packed (one segment per image / frame)" if self.packed else "batched (one segment per row)"
+        return f"{self.name}: {type(self.tower).__name__}, {self.depth} blocks, {lay}, protected={self.protected}"
+
+
+# ---------------------------------------------------------------------------------------------
+def attention_shell(module: nn.Module, attn_implementation: str, memo: Optional[dict] = None) -> nn.Module:
+    """A structural copy of ``module`` that shares every parameter and buffer with it, in which each
+    submodule holding a transformers ``config`` sees a *copy* of that config with
+    ``_attn_implementation = attn_implementation``.
+
+    This selects the attention function used when the block stack is captured (SDPA, or the masked
+    varlen function of :mod:`ipcv_adapters.attention`) without touching the user's tower: the
+    original modules, their config and every other caller keep their attention implementation.
+    Hooks are not carried over (the capture sees the bare blocks); the copy is in eval mode.
+    """
+    memo = {} if memo is None else memo
+    c = copy.copy(module)
+    c.__dict__["_parameters"] = dict(module._parameters)
+    c.__dict__["_buffers"] = dict(module._buffers)
+    c.__dict__["_modules"] = {
+        k: (attention_shell(v, attn_implementation, memo) if v is not None else None) for k, v in module._modules.items()
+    }
+    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                  "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+                  "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+                  "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
+        if hooks in module.__dict__:
+            c.__dict__[hooks] = OrderedDict()
+    cfg = module.__dict__.get("config")
+    if cfg is not None and hasattr(cfg, "_attn_implementation"):
+        if id(cfg) not in memo:
+            cc = copy.deepcopy(cfg)
+            cc._attn_implementation = attn_implementation
+            memo[id(cfg)] = cc
+        c.__dict__["config"] = memo[id(cfg)]
+    c.__dict__["training"] = False
+    return c
+
+
+def shells(blocks: Sequence[nn.Module], attn_implementation: str) -> nn.ModuleList:
+    """:func:`attention_shell` of each block, sharing one config copy per original config."""
+    memo: dict = {}
+    return nn.ModuleList([attention_shell(b, attn_implementation, memo) for b in blocks])

@@ -1,0 +1,100 @@
+"""Pieces shared by the adapters of batched ViT towers (one image / tile per batch row)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.export import Dim
+
+from ipcv_compile.spec import LocateSpec
+from ipcv_core.driver import AttnContext
+from ipcv_core.segments import SegmentLayout
+
+from .base import TowerAdapter, shells
+
+__all__ = ["LayerStack", "BatchedViTAdapter", "split_qkv_attention", "reject_kwargs"]
+
+
+class LayerStack(nn.Module):
+    """``forward(hidden_states) -> hidden_states``: the tower's own layers, called as the tower's
+    encoder calls them without a mask (``layer(x)``, or ``layer(x, None)`` when the mask argument
+    is positional and required)."""
+
+    def __init__(self, layers: nn.ModuleList, mask_positional: bool = False):
+        super().__init__()
+        self.layers = layers
+        self.mask_positional = mask_positional
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, None) if self.mask_positional else layer(hidden_states)
+        return hidden_states
+
+
+def split_qkv_attention(
+    nq: torch.Tensor,
+    nkv: torch.Tensor,
+    ctx: AttnContext,
+    q_proj: Callable,
+    k_proj: Callable,
+    v_proj: Callable,
+    out_proj: Callable,
+    num_heads: int,
+    head_dim: int,
+    scale: float,
+    q_norm: Optional[Callable] = None,
+    k_norm: Optional[Callable] = None,
+) -> torch.Tensor:
+    """Multi-head attention of normed query rows ``nq (B, Lq, D)`` over normed key/value rows
+    ``nkv (B, Lkv, D)`` with separate q/k/v projections (optionally q/k norms over the full
+    projection, as InternVL), SDPA with the context's mask, and the output projection."""
+    B, Lq, _ = nq.shape
+    Lkv = nkv.shape[1]
+    q, k, v = q_proj(nq), k_proj(nkv), v_proj(nkv)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    q = q.view(B, Lq, num_heads, head_dim).transpose(1, 2)
+    k = k.view(B, Lkv, num_heads, head_dim).transpose(1, 2)
+    v = v.view(B, Lkv, num_heads, head_dim).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.sdpa_mask(q.dtype), scale=scale)
+    return out_proj(o.transpose(1, 2).reshape(B, Lq, num_heads * head_dim))
+
+
+def reject_kwargs(kwargs: Dict[str, Any], tower_name: str) -> None:
+    """Drop ``None``-valued keyword arguments; raise on any other leftover one (a drop-in must not
+    silently ignore an input that changes the result)."""
+    bad = sorted(k for k, v in kwargs.items() if v is not None)
+    if bad:
+        raise TypeError(f"IPCV-rewritten {tower_name}: unsupported keyword argument(s) {bad}")
+
+
+class BatchedViTAdapter(TowerAdapter):
+    """A tower whose block stack takes ``(B, N, D)`` with no side inputs; one segment per row."""
+
+    packed = False
+    #: LayerStack: call layers as ``layer(x, None)``
+    mask_positional: bool = False
+    #: extra tokens of the example input for capture (beyond the protected ones)
+    _example_tokens = 11
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.tower.config.hidden_size)
+
+    def layout(self) -> SegmentLayout:
+        return SegmentLayout.batched(self.protected)
+
+    def block_stack(self) -> nn.Module:
+        return LayerStack(shells(self.blocks, self.attn_implementation), self.mask_positional).eval()
+
+    def example_inputs(self):
+        n = self.protected + self._example_tokens
+        x = torch.randn(2, n, self.hidden_size, dtype=self.dtype, device=self.device)
+        return (x,), ({0: Dim("batch", min=1), 1: Dim("tokens", min=self.protected + 2)},)
+
+    @staticmethod
+    def make_spec(attention: str, ffn: str = "mlp") -> LocateSpec:
+        return LocateSpec(blocks="layers", attention=attention, ffn=ffn, hidden_input="hidden_states", token_dim=1)

@@ -1,0 +1,114 @@
+"""Adapter registry, ``rewrite_with_adapter`` (behind ``ipcv_compile.rewrite(tower, ...)``) and the
+eager-driver path through the same adapters."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple, Type
+
+import torch
+from torch import nn
+
+from ipcv_core.config import IPCVConfig
+from ipcv_core.driver import DriverOutput, run_blocks, run_ipcv
+
+from .base import TowerAdapter
+from .tower import DEFAULT_CACHE_SIZE, IPCVTower
+
+__all__ = [
+    "UnsupportedTowerError",
+    "register_adapter",
+    "adapters",
+    "supported_towers",
+    "find_adapter",
+    "rewrite_with_adapter",
+    "run_eager",
+]
+
+_ADAPTERS: List[Type[TowerAdapter]] = []
+
+# attribute paths under which VLMs keep their vision tower (for a helpful error message only)
+_TOWER_PATHS = ("visual", "model.visual", "vision_tower", "model.vision_tower", "vision_model",
+                "model.vision_model")
+
+
+class UnsupportedTowerError(TypeError):
+    """No registered adapter recognises the module."""
+
+
+def register_adapter(cls: Type[TowerAdapter]) -> Type[TowerAdapter]:
+    """Class decorator: make ``cls`` available to :func:`find_adapter` (later registrations win)."""
+    if not (isinstance(cls, type) and issubclass(cls, TowerAdapter)):
+        raise TypeError(f"register_adapter expects a TowerAdapter subclass, got {cls!r}")
+    if not cls.tower_classes:
+        raise ValueError(f"{cls.__name__}.tower_classes is empty")
+    if cls in _ADAPTERS:
+        _ADAPTERS.remove(cls)
+    _ADAPTERS.insert(0, cls)
+    return cls
+
+
+def adapters() -> Tuple[Type[TowerAdapter], ...]:
+    return tuple(_ADAPTERS)
+
+
+def supported_towers() -> List[str]:
+    """Dotted class names of every supported tower."""
+    return [c for a in reversed(_ADAPTERS) for c in a.tower_classes]
+
+
+def _get_path(obj: Any, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_adapter(module: nn.Module) -> TowerAdapter:
+    """An adapter instance for ``module``, or :class:`UnsupportedTowerError` saying what is supported
+    and how to add support."""
+    for cls in _ADAPTERS:
+        if cls.matches(module):
+            return cls(module)
+    hint = ""
+    for p in _TOWER_PATHS:
+        sub = _get_path(module, p)
+        if isinstance(sub, nn.Module) and any(a.matches(sub) for a in _ADAPTERS):
+            hint = (f"\n{type(module).__name__} holds a supported tower at .{p}: rewrite that, e.g. "
+                    f"`model.{p} = ipcv_compile.rewrite(model.{p}, retain=0.35)`.")
+            break
+    supported = "\n".join(f"  - {c}" for c in supported_towers())
+    raise UnsupportedTowerError(
+        f"ipcv: no adapter for {type(module).__module__}.{type(module).__name__}.{hint}\n"
+        f"Supported vision towers:\n{supported}\n"
+        "To add one: subclass ipcv_adapters.TowerAdapter (see ipcv_adapters/base.py; "
+        "ipcv_adapters/clip_siglip.py is a short example) and decorate it with "
+        "@ipcv_adapters.register_adapter; or capture your own block stack and call "
+        "ipcv_compile.rewrite(stack, spec=LocateSpec(...), example_inputs=(...)) directly."
+    )
+
+
+def rewrite_with_adapter(tower: nn.Module, config: Optional[IPCVConfig] = None, *,
+                         cache_size: int = DEFAULT_CACHE_SIZE) -> IPCVTower:
+    """The drop-in IPCV version of a supported tower (captured now; see :class:`IPCVTower`)."""
+    adapter = find_adapter(tower)
+    return IPCVTower(tower, adapter, config or IPCVConfig(), cache_size=cache_size)
+
+
+@torch.no_grad()
+def run_eager(tower: nn.Module, config: Optional[IPCVConfig], *args, **kwargs) -> Tuple[Any, Optional[DriverOutput]]:
+    """The tower's forward through its adapter's eager branches and ipcv_core's driver (no export):
+    ``(output of the tower's type, DriverOutput or None)``.  ``config=None`` runs the plain blocks
+    through the same branches.  This is the oracle the rewritten graph is tested against."""
+    adapter = tower.adapter if isinstance(tower, IPCVTower) else find_adapter(tower)
+    prep = adapter.prepare(*args, **kwargs)
+    h = prep.hidden
+    packed = h.dim() == 2
+    hb = h.unsqueeze(0) if packed else h
+    blocks = adapter.branches(prep)
+    if config is None:
+        out, res = run_blocks(hb, blocks, prep.layout), None
+    else:
+        res = run_ipcv(hb, blocks, config, prep.layout)
+        out = res.hidden_states
+    return adapter.finish(out.squeeze(0) if packed else out, prep), res

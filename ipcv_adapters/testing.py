@@ -1,0 +1,151 @@
+"""Tiny towers and VLMs from configs (random weights, no hub), for tests, examples and benchmarks.
+
+``tiny_tower(name)`` builds one of the supported vision towers with 4 blocks; ``TINY_IPCV`` is an
+IPCV config that fits them (``l_p=1, Δ=2, k=4``; the paper defaults need >= 10 blocks).
+``tiny_qwen2vl_vlm`` / ``tiny_internvl_vlm`` build whole ``...ForConditionalGeneration`` models
+with a 2-layer LM, and ``*_generate_inputs`` the matching ``generate()`` keyword arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from ipcv_core.config import IPCVConfig
+
+__all__ = [
+    "TINY_IPCV", "TOWERS", "tiny_tower", "tower_inputs", "qwen2vl_inputs",
+    "tiny_qwen2vl_vlm", "qwen2vl_generate_inputs", "tiny_internvl_vlm", "internvl_generate_inputs",
+]
+
+TINY_IPCV = IPCVConfig(retain=0.35, prune_layer=1, as_depth=2, k=4)
+TOWERS = ("qwen2_vl", "internvl", "dinov2", "siglip", "clip")
+IMAGE_SIZE = 56  # 4 x 4 patches of 14 px
+VOCAB, IMG, VID, VS, VE, BOS, EOS = 256, 250, 251, 252, 253, 254, 255
+
+
+def _vision_kwargs(name: str, depth: int) -> dict:
+    common = dict(hidden_size=64, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=14)
+    if name == "qwen2_vl":
+        return dict(depth=depth, embed_dim=64, num_heads=4, mlp_ratio=2, hidden_size=96, patch_size=14,
+                    temporal_patch_size=2, spatial_merge_size=2)
+    if name == "internvl":
+        return dict(common, num_hidden_layers=depth, intermediate_size=128, use_qk_norm=True, norm_type="rms_norm",
+                    layer_scale_init_value=0.1)
+    if name == "dinov2":
+        return dict(common, num_hidden_layers=depth, mlp_ratio=2)
+    if name in ("siglip", "clip"):
+        return dict(common, num_hidden_layers=depth, intermediate_size=128)
+    raise ValueError(f"unknown tower {name!r}; one of {TOWERS}")
+
+
+def tiny_tower(name: str, depth: int = 4, dtype: torch.dtype = torch.float32, attn: str = "sdpa", seed: int = 0):
+    """A supported vision tower with random weights (eval mode)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+    from transformers.models.internvl.modeling_internvl import InternVLVisionModel
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    cls, cfg_cls = {
+        "qwen2_vl": (Qwen2VisionTransformerPretrainedModel, Qwen2VLVisionConfig),
+        "internvl": (InternVLVisionModel, InternVLVisionConfig),
+        "dinov2": (Dinov2Model, Dinov2Config),
+        "siglip": (SiglipVisionModel, SiglipVisionConfig),
+        "clip": (CLIPVisionModel, CLIPVisionConfig),
+    }[name]
+    cfg = cfg_cls(**_vision_kwargs(name, depth))
+    torch.manual_seed(seed)
+    m = cls._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
+    if name == "internvl":  # post_init zeroes CLS / position embeddings: give them values
+        with torch.no_grad():
+            m.embeddings.cls_token.normal_(0, 1.0)
+            if m.embeddings.position_embeddings is not None:
+                m.embeddings.position_embeddings.normal_(0, 0.5)
+    return m
+
+
+def qwen2vl_inputs(grid_thw: Sequence[Sequence[int]], seed: int = 0, dtype=torch.float32, in_dim: int = 3 * 2 * 14 * 14):
+    """Packed ``pixel_values (sum t*h*w, C*tps*ps*ps)`` and ``grid_thw (S, 3)`` as Qwen2-VL's processor emits."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(sum(t * h * w for t, h, w in grid_thw))
+    return torch.randn(n, in_dim, generator=g).to(dtype), torch.tensor([list(r) for r in grid_thw], dtype=torch.long)
+
+
+def tower_inputs(name: str, batch: int = 2, seed: int = 0, dtype=torch.float32, size: int = IMAGE_SIZE) -> Tuple[tuple, dict]:
+    """``(args, kwargs)`` for a call of ``tiny_tower(name)``."""
+    if name == "qwen2_vl":
+        pv, thw = qwen2vl_inputs([[1, 4, 6], [1, 4, 4]][:batch] if batch <= 2 else [[1, 4, 6]] * batch, seed, dtype)
+        return (pv,), {"grid_thw": thw}
+    g = torch.Generator().manual_seed(seed)
+    return (), {"pixel_values": torch.randn(batch, 3, size, size, generator=g).to(dtype)}
+
+
+# --------------------------------------------------------------------------------------------- VLMs
+def tiny_qwen2vl_vlm(vision_depth: int = 4, seed: int = 0):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0),
+        vision_config=dict(_vision_kwargs("qwen2_vl", vision_depth), hidden_size=64),  # merger out = LM width
+        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE,
+    )
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def qwen2vl_generate_inputs(entries: Sequence[Tuple[str, Tuple[int, int, int]]], seed: int = 0,
+                            max_new_tokens: int = 4) -> Dict[str, torch.Tensor]:
+    """``generate()`` kwargs for a prompt holding ``entries`` = ``[("image"|"video", (t, h, w)), ...]``."""
+    ids: List[int] = [BOS, 10, 11]
+    tt: List[int] = [0, 0, 0]
+    for kind, (t, h, w) in entries:
+        n = t * h * w // 4  # merged tokens (spatial_merge_size 2)
+        ids += [VS] + [IMG if kind == "image" else VID] * n + [VE]
+        tt += [0] + [1 if kind == "image" else 2] * n + [0]
+    ids += [12, 13]
+    tt += [0, 0]
+    input_ids = torch.tensor([ids])
+    kw = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+              mm_token_type_ids=torch.tensor([tt], dtype=torch.int32), max_new_tokens=max_new_tokens, do_sample=False)
+    images = [g for k, g in entries if k == "image"]
+    videos = [g for k, g in entries if k == "video"]
+    if images:
+        kw["pixel_values"], kw["image_grid_thw"] = qwen2vl_inputs(images, seed)
+    if videos:
+        kw["pixel_values_videos"], kw["video_grid_thw"] = qwen2vl_inputs(videos, seed + 1)
+    return kw
+
+
+def tiny_internvl_vlm(vision_depth: int = 4, seed: int = 0):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    cfg = InternVLConfig(
+        vision_config=_vision_kwargs("internvl", vision_depth),
+        text_config=dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0),
+        image_token_id=IMG, downsample_ratio=0.5, image_seq_length=4,
+    )
+    torch.manual_seed(seed)
+    m = InternVLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        m.model.vision_tower.embeddings.cls_token.normal_(0, 1.0)
+        m.model.vision_tower.embeddings.position_embeddings.normal_(0, 0.5)
+    return m
+
+
+def internvl_generate_inputs(tiles: int, seed: int = 0, max_new_tokens: int = 4) -> Dict[str, torch.Tensor]:
+    """``generate()`` kwargs for ``tiles`` single-tile images (4 image tokens each after pixel_shuffle)."""
+    ids = [BOS, 10]
+    for _ in range(tiles):
+        ids += [VS] + [IMG] * ((IMAGE_SIZE // 14) ** 2 // 4) + [VE]
+    input_ids = torch.tensor([ids + [12, 13]])
+    g = torch.Generator().manual_seed(seed)
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                pixel_values=torch.randn(tiles, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g),
+                max_new_tokens=max_new_tokens, do_sample=False)
