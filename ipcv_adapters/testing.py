@@ -74,9 +74,10 @@ def qwen2vl_inputs(grid_thw: Sequence[Sequence[int]], seed: int = 0, dtype=torch
 
 
 def tower_inputs(name: str, batch: int = 2, seed: int = 0, dtype=torch.float32, size: int = IMAGE_SIZE) -> Tuple[tuple, dict]:
-    """``(args, kwargs)`` for a call of ``tiny_tower(name)``."""
-    if name == "qwen2_vl":
-        pv, thw = qwen2vl_inputs([[1, 4, 6], [1, 4, 4]][:batch] if batch <= 2 else [[1, 4, 6]] * batch, seed, dtype)
+    """``(args, kwargs)`` for a call of ``tiny_tower(name)`` with ``batch`` images (Qwen2-VL: entries)."""
+    if name == "qwen2_vl":  # ``batch`` entries: an image, a 2-frame video, then images
+        grids = ([[1, 4, 6], [2, 4, 4]] + [[1, 6, 4]] * max(0, batch - 2))[:batch]
+        pv, thw = qwen2vl_inputs(grids, seed, dtype)
         return (pv,), {"grid_thw": thw}
     g = torch.Generator().manual_seed(seed)
     return (), {"pixel_values": torch.randn(batch, 3, size, size, generator=g).to(dtype)}
