@@ -91,7 +91,9 @@ class IPCVRewritePass:
 
     def __init__(self, config: IPCVConfig, layout: SegmentLayout):
         self.config = config
-        self.layout = layout
+        # the patch grid matters only to grid-aware variants; without them a batched layout keeps
+        # one graph for every token count
+        self.layout = layout if config.needs_grid else SegmentLayout(layout.lengths, layout.protected)
 
     def __call__(self, gm: fx.GraphModule, gmap: GraphMap) -> PassResult:
         cfg = self.config

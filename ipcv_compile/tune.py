@@ -1,0 +1,242 @@
+"""``ipcv tune``: pick the IPCV variant that preserves the most for a user's own model, from a few
+unlabeled images.  Training-free: forward passes only.
+
+Objective: fidelity to the unpruned model — mean cosine similarity of the tower's final tokens.
+Constraint (``budget``): the cost of the paper's IPCV at the same retain ratio (l_p=3, Δ=7, k=10):
+* ``"tokens"``: analytic FLOPs of the block stack from the rows every block processes (queries,
+  keys/values, FFN), counted from the model's shapes — deterministic;
+* ``"latency"``: measured wall time of the rewritten graph, interleaved with the reference, median
+  of repeats (noisy on a busy machine; a 3 % tolerance is allowed).
+
+Search: coordinate descent from the paper's configuration over selection x reconstruction
+(+ weighting) x k x (l_p, Δ) x merge, two passes; each candidate is first checked against the
+budget (cheap), then scored on the images.  Candidates run through ipcv_core's eager driver (the
+rewritten graph computes the same, as the test-suite checks), so no capture per candidate.
+The result is written as a JSON config file that ``rewrite(..., config=IPCVConfig.from_json(path))``
+and ``ipcv export --config`` accept.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ipcv_core.config import IPCVConfig, num_keep
+
+__all__ = ["TuneResult", "tune", "block_flops", "config_flops", "PAPER"]
+
+PAPER = dict(prune_layer=3, as_depth=7, k=10, selection="score", reconstruction="feature", weighting="mean", merge="none")
+
+
+def block_flops(q_rows: int, kv_rows: int, ffn_rows: int, dim: int, ffn_params: int) -> int:
+    """FLOPs (2 x multiply-adds) of one pre-norm block: q and out projections on query rows, k/v
+    projections on key/value rows, attention core ``q_rows x kv_rows``, FFN on FFN rows (one
+    multiply-add per FFN weight and row)."""
+    proj = 2 * dim * dim * (2 * q_rows + 2 * kv_rows)
+    core = 2 * 2 * q_rows * kv_rows * dim
+    ffn = 2 * ffn_rows * ffn_params
+    return proj + core + ffn
+
+
+def config_flops(cfg: Optional[IPCVConfig], n_tokens: int, protected: int, depth: int, dim: int, ffn_params: int) -> int:
+    """FLOPs of the block stack for one segment of ``n_tokens`` (protected included)."""
+    if cfg is None:
+        return depth * block_flops(n_tokens, n_tokens, n_tokens, dim, ffn_params)
+    K = protected + num_keep(n_tokens - protected, cfg.retain, cfg.min_keep)
+    total = 0
+    for b in range(depth):
+        if b < cfg.prune_layer:
+            total += block_flops(n_tokens, n_tokens, n_tokens, dim, ffn_params)
+        elif b < cfg.as_end:
+            total += block_flops(K, n_tokens, K, dim, ffn_params)
+        else:
+            total += block_flops(K, K, K, dim, ffn_params)
+    R = n_tokens - K
+    total += 2 * R * K * dim + (cfg.as_depth + 1) * 2 * R * cfg.k * dim  # neighbour search + NGR
+    return total
+
+
+@dataclass
+class Candidate:
+    config: IPCVConfig
+    fidelity: float = float("nan")
+    cost: float = float("nan")  # relative to the reference (paper IPCV) = 1.0
+    feasible: bool = True
+
+
+@dataclass
+class TuneResult:
+    best: IPCVConfig
+    reference: IPCVConfig
+    table: List[Candidate] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def format_table(self, top: int = 15) -> str:
+        rows = sorted(self.table, key=lambda c: (not c.feasible, -c.fidelity))[:top]
+        out = [f"{'fidelity':>8} | {'cost':>5} | ok | config"]
+        for c in rows:
+            out.append(f"{c.fidelity:8.4f} | {c.cost:5.2f} | {'y' if c.feasible else 'n':>2} | {_short(c.config)}")
+        return "\n".join(out)
+
+
+def _short(cfg: IPCVConfig) -> str:
+    return (f"sel={cfg.selection} rec={cfg.reconstruction}/{cfg.weighting} k={cfg.k} "
+            f"l_p={cfg.prune_layer} Δ={cfg.as_depth} merge={cfg.merge}")
+
+
+def _space(depth: int) -> Dict[str, List]:
+    lps = sorted({max(1, min(depth - 1, x)) for x in (2, 3, 4, 5, 6)})
+    return {
+        "recon": [("feature", "mean"), ("feature", "similarity"), ("spatial", "similarity"), ("spatial", "mean")],
+        "selection": ["score", "random", "stratified", "stratified_random"],
+        "k": [2, 4, 6, 10],
+        "depths": [(lp, d) for lp in lps for d in (0, 1, 2, 3, 5, 7) if lp + d <= depth],
+        "merge": ["none", "size_bias"],
+    }
+
+
+def tune(
+    evaluate: Callable[[Optional[IPCVConfig]], float],
+    cost: Callable[[IPCVConfig], float],
+    retain: float,
+    depth: int,
+    has_grid: bool = True,
+    passes: int = 2,
+    tolerance: float = 0.0,
+    progress: Optional[Callable[[str], None]] = None,
+) -> TuneResult:
+    """Coordinate-descent search.
+
+    Args:
+        evaluate: config -> fidelity (higher is better) on the user's images.
+        cost: config -> cost relative to the reference (the paper's IPCV at ``retain``) = 1.0.
+        has_grid: whether the patch grid is known (spatial / stratified variants need it).
+        tolerance: allowed relative excess over the reference cost.
+    """
+    t0 = time.perf_counter()
+    reference = IPCVConfig(retain=retain, **PAPER)
+    reference.validate_depth(depth)
+    space = _space(depth)
+    if not has_grid:
+        space["recon"] = [r for r in space["recon"] if r[0] != "spatial"]
+        space["selection"] = [s for s in space["selection"] if not s.startswith("stratified")]
+    seen: Dict[Tuple, Candidate] = {}
+
+    def run(cfg: IPCVConfig) -> Candidate:
+        key = tuple(sorted(cfg.to_dict().items(), key=lambda kv: kv[0]))
+        key = tuple((k, v) for k, v in key if k != "extras")
+        if key in seen:
+            return seen[key]
+        c = Candidate(cfg)
+        c.cost = cost(cfg)
+        c.feasible = c.cost <= 1.0 + tolerance
+        if c.feasible:
+            c.fidelity = evaluate(cfg)
+            if progress:
+                progress(f"{c.fidelity:.4f}  cost {c.cost:.2f}  {_short(cfg)}")
+        seen[key] = c
+        return c
+
+    best = run(reference)
+    best_fid = best.fidelity
+    cur = reference
+    for _ in range(passes):
+        improved = False
+        for dim_name in ("selection", "recon", "k", "depths", "merge"):
+            for v in space[dim_name]:
+                if dim_name == "selection":
+                    cand = cur.replace(selection=v)
+                elif dim_name == "recon":
+                    cand = cur.replace(reconstruction=v[0], weighting=v[1])
+                elif dim_name == "k":
+                    cand = cur.replace(k=v)
+                elif dim_name == "depths":
+                    cand = cur.replace(prune_layer=v[0], as_depth=v[1])
+                else:
+                    cand = cur.replace(merge=v)
+                c = run(cand)
+                if c.feasible and c.fidelity > best_fid + 1e-6:
+                    best_fid, cur, improved = c.fidelity, cand, True
+        if not improved:
+            break
+    return TuneResult(cur, reference, list(seen.values()), time.perf_counter() - t0)
+
+
+def measure_latency(fn: Callable[[], object], ref_fn: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall time of ``fn`` over the median of ``ref_fn``, interleaved."""
+    a, b = [], []
+    fn(), ref_fn()  # warm-up
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        a.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ref_fn()
+        b.append(time.perf_counter() - t)
+    return statistics.median(a) / statistics.median(b)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# towers (through ipcv_adapters' registry; no model names here)
+def _cosine(out, ref) -> float:
+    a = out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+    b = ref.last_hidden_state if hasattr(ref, "last_hidden_state") else ref
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
+
+
+def tune_tower(
+    tower: torch.nn.Module,
+    batches: Sequence[Dict[str, Any]],
+    retain: float,
+    budget: str = "tokens",
+    passes: int = 2,
+    progress: Optional[Callable[[str], None]] = None,
+) -> TuneResult:
+    """Tune IPCV for ``tower`` on ``batches`` (keyword inputs of the tower, e.g. ``pixel_values``).
+
+    ``budget="tokens"``: analytic FLOPs of the block stack <= the paper's IPCV at ``retain``;
+    ``budget="latency"``: measured wall time of the rewritten graph <= the paper's (3 % tolerance).
+    """
+    from ipcv_adapters.registry import find_adapter, rewrite_with_adapter, run_eager
+
+    if budget not in ("tokens", "latency"):
+        raise ValueError(f"budget must be 'tokens' or 'latency', got {budget!r}")
+    adapter = find_adapter(tower)
+    with torch.no_grad():
+        refs = [tower(**b) for b in batches]
+    prep = adapter.prepare(**batches[0])
+    depth = adapter.depth
+    has_grid = prep.layout.grids is not None
+    dim = prep.hidden.shape[-1]
+    ffn_params = sum(p.numel() for p in adapter.blocks[0].get_submodule(adapter.spec.ffn).parameters())
+    lengths = prep.layout.lengths or (prep.hidden.shape[-2],)
+
+    def evaluate(cfg):
+        vals = [_cosine(run_eager(tower, cfg, **b)[0], r) for b, r in zip(batches, refs)]
+        return sum(vals) / len(vals)
+
+    reference = IPCVConfig(retain=retain, **PAPER)
+    if budget == "tokens":
+        def flops(cfg):
+            return sum(config_flops(cfg, n, prep.layout.protected, depth, dim, ffn_params) for n in lengths)
+
+        ref_flops = flops(reference)
+
+        def cost(cfg):
+            return flops(cfg) / ref_flops
+        tol = 0.0
+    else:
+        ref_tower = rewrite_with_adapter(tower, reference)
+        b0 = batches[0]
+
+        def cost(cfg):
+            t = ref_tower.with_config(cfg)
+            with torch.no_grad():
+                return measure_latency(lambda: t(**b0), lambda: ref_tower(**b0))
+        tol = 0.03
+    return tune(evaluate, cost, retain, depth, has_grid=has_grid, passes=passes, tolerance=tol, progress=progress)

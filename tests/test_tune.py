@@ -1,0 +1,63 @@
+"""ipcv tune: the search respects the budget, never returns worse than the paper's configuration,
+and its output round-trips into rewrite()."""
+
+import torch
+
+from ipcv_compile import LocateSpec, rewrite
+from ipcv_compile.tune import PAPER, config_flops, tune
+from ipcv_core import IPCVConfig, run_ipcv
+from ipcv_core.testing import SyntheticViT, ViTSpec, make_inputs
+
+
+def test_flops_model_orders_configs():
+    kw = dict(n_tokens=1025, protected=1, depth=12, dim=384, ffn_params=2 * 384 * 1536)
+    van = config_flops(None, **kw)
+    paper = config_flops(IPCVConfig(retain=0.5), **kw)
+    later = config_flops(IPCVConfig(retain=0.5, prune_layer=6, as_depth=0), **kw)
+    no_as = config_flops(IPCVConfig(retain=0.5, as_depth=0), **kw)
+    assert no_as < paper < van and no_as < later < van
+    assert config_flops(IPCVConfig(retain=0.2), **kw) < paper
+
+
+def test_search_respects_budget_and_improves():
+    """A synthetic objective: fidelity grows with l_p and prefers spatial similarity-weighted NGR;
+    cost grows with l_p and Δ.  The tuner must stay within budget and beat the reference."""
+
+    def fid(cfg):
+        f = 0.5 + 0.05 * cfg.prune_layer + (0.1 if cfg.reconstruction == "spatial" else 0.0)
+        f += 0.05 if cfg.weighting == "similarity" else 0.0
+        return f - 0.01 * abs(cfg.k - 4)
+
+    def cost(cfg):
+        return (cfg.prune_layer + 0.3 * cfg.as_depth) / (3 + 0.3 * 7)
+
+    res = tune(fid, cost, retain=0.35, depth=12)
+    assert res.reference == IPCVConfig(retain=0.35, **PAPER)
+    assert cost(res.best) <= 1.0
+    assert fid(res.best) > fid(res.reference)
+    assert res.best.reconstruction == "spatial" and res.best.weighting == "similarity" and res.best.k == 4
+    assert all(c.cost <= 1.0 for c in res.table if c.feasible)
+    assert any(not c.feasible for c in res.table), "over-budget candidates must be rejected"
+    assert "fidelity" in res.format_table()
+
+
+def test_without_grid_no_spatial_variants():
+    res = tune(lambda c: 1.0 if c.reconstruction == "spatial" else 0.5, lambda c: 0.5, 0.5, 12, has_grid=False)
+    assert all(c.config.reconstruction == "feature" and not c.config.selection.startswith("stratified") for c in res.table)
+
+
+def test_tuned_config_round_trips_into_rewrite(tmp_path):
+    cfg = IPCVConfig(retain=0.35, prune_layer=2, as_depth=1, k=4, selection="stratified",
+                     reconstruction="spatial", weighting="similarity", merge="size_bias")
+    path = tmp_path / "tuned.json"
+    cfg.to_json(str(path))
+    loaded = IPCVConfig.from_json(str(path))
+    assert loaded == cfg
+    spec = ViTSpec(depth=4)
+    m = SyntheticViT(spec).eval()
+    h, cos, sin, mask, layout = make_inputs(spec, [(5, 6)], 1, batch=2, packed=False)
+    rm = rewrite(m, loaded, example_inputs=(h,), spec=LocateSpec("blocks", "attn", "mlp"), layout=layout)
+    with torch.no_grad():
+        out = rm(h)
+        ref = m.norm(run_ipcv(h, m.branches(), loaded, layout).hidden_states)
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
