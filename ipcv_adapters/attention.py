@@ -16,7 +16,6 @@ Registering a new name changes nothing for any other name.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 __all__ = ["MASKED_VARLEN", "MASK_KWARG", "register_masked_varlen"]

@@ -41,6 +41,7 @@ __all__ = [
     "OutputRequest",
     "pop_output_request",
     "attention_shell",
+    "shells",
     "class_path",
 ]
 
