@@ -5,6 +5,8 @@ from .api import IPCVModule, capture, rewrite, rewrite_graph
 from .locate import GraphMap, LocateError, locate
 from .passes.ipcv_rewrite import IPCVRewritePass, RewriteError
 from .spec import LocateSpec
+from .lower import BACKENDS, Lowered, lower
+from .tensorrt_check import tensorrt_check
 
 __all__ = ["IPCVModule", "capture", "rewrite", "rewrite_graph", "GraphMap", "LocateError", "locate",
-           "IPCVRewritePass", "RewriteError", "LocateSpec"]
+           "IPCVRewritePass", "RewriteError", "LocateSpec", "lower", "Lowered", "BACKENDS", "tensorrt_check"]

@@ -1,0 +1,151 @@
+"""``onnx``: ``torch.export`` (dynamic dims where the graph allows them) -> ``torch.onnx.export``
+(dynamo exporter) -> a ``.onnx`` file -> :class:`OnnxRuntimeModule`.
+
+The rewritten graph lowers to standard ONNX ops (TopK with a dynamic K, CumSum, ScatterElements,
+GatherElements, ...); see ``/work/shared/notes/export-facts.md``.  Inputs that are ``None`` in the
+example (e.g. an absent mask) are not graph inputs: the wrapper drops them at call time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, List, Optional, Sequence
+
+import torch
+
+from ..lower import Lowered, LoweringError, default_artifact_path, dynamic_dims, export_program
+
+_EXTERNAL_DATA_BYTES = 1_800_000_000  # ONNX protobuf limit is 2 GB: larger models keep weights beside
+
+
+class OnnxRuntimeModule:
+    """An onnxruntime session called like the exported module: positional torch tensors in, torch
+    tensors out (same structure as the module's output when ``out_spec`` is known, else a single
+    tensor or a tuple).
+
+    Args:
+        path: the ``.onnx`` file.
+        input_positions: which positional arguments are graph inputs (default: every tensor argument,
+            in order).
+        providers: onnxruntime execution providers (default ``["CPUExecutionProvider"]``).
+        threads: intra-op threads (default: onnxruntime's choice).
+    """
+
+    def __init__(self, path: str, input_positions: Optional[Sequence[int]] = None, out_spec=None,
+                 providers: Optional[List[str]] = None, threads: Optional[int] = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:  # pragma: no cover - dev extra installs it
+            raise LoweringError("the onnx backend needs onnxruntime: pip install 'ipcv[onnx]'") from e
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        self.path = path
+        self.session = ort.InferenceSession(path, so, providers=providers or ["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_positions = None if input_positions is None else list(input_positions)
+        self.out_spec = out_spec
+
+    def _feed(self, args):
+        if self.input_positions is None:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        else:
+            tensors = [args[i] for i in self.input_positions]
+        if len(tensors) != len(self.input_names):
+            raise ValueError(f"{os.path.basename(self.path)} takes {len(self.input_names)} tensor inputs "
+                             f"({self.input_names}), got {len(tensors)}")
+        feed = {}
+        for name, t in zip(self.input_names, tensors):
+            if t.dtype == torch.bfloat16:
+                raise TypeError("onnxruntime inputs cannot be bfloat16 (numpy has no bfloat16): export in float32/float16")
+            feed[name] = t.detach().cpu().contiguous().numpy()
+        return feed
+
+    def __call__(self, *args):
+        outs = [torch.from_numpy(o) for o in self.session.run(None, self._feed(args))]
+        if self.out_spec is not None:
+            import torch.utils._pytree as pytree
+
+            return pytree.tree_unflatten(outs, self.out_spec)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def __repr__(self) -> str:
+        return f"OnnxRuntimeModule({self.path!r}, inputs={self.input_names}, outputs={self.output_names})"
+
+
+_KEEPDIM_REDUCTIONS = {
+    torch.ops.aten.sum.dim_IntList: 2,  # index of the keepdim argument
+    torch.ops.aten.mean.dim: 2,
+    torch.ops.aten.amax.default: 2,
+    torch.ops.aten.amin.default: 2,
+}
+
+
+def fix_empty_reductions(ep: "torch.export.ExportedProgram") -> int:
+    """Work around an onnxruntime (1.31) bug: ``ReduceSum(keepdims=1)`` over an axis of an *empty*
+    tensor (e.g. ``(B, 0, D)`` summed over ``D``) returns ``(B, 0, D)`` instead of ``(B, 0, 1)``, and
+    the next broadcast fails ("Attempting to broadcast an axis by a dimension other than 1").  IPCV
+    graphs hold such tensors when a segment removes nothing (retain 1.0: ``R = 0`` removed rows).
+
+    Each ``keepdim=True`` reduction whose input has a statically zero dim that is not reduced has an
+    empty result whatever its values, so it is replaced by ``input[..., 0:1, ...]`` along the reduced
+    dim (same shape, also empty).  Returns the number of nodes replaced (the graph is recompiled)."""
+    g = ep.graph_module.graph
+    fixed = 0
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target not in _KEEPDIM_REDUCTIONS:
+            continue
+        x = n.args[0]
+        dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+        v = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if not keep or not isinstance(v, torch.Tensor) or dims is None:
+            continue
+        dims = [d % v.dim() for d in ([dims] if isinstance(dims, int) else dims)]
+        empty_other = any(isinstance(s, int) and s == 0 for i, s in enumerate(v.shape) if i not in dims)
+        if len(dims) != 1 or not empty_other or (isinstance(v.shape[dims[0]], int) and v.shape[dims[0]] == 0):
+            continue
+        with g.inserting_before(n):
+            s = g.call_function(torch.ops.aten.slice.Tensor, (x, dims[0], 0, 1))
+        s.meta = dict(n.meta)
+        n.replace_all_uses_with(s)
+        g.erase_node(n)
+        fixed += 1
+    if fixed:
+        ep.graph_module.recompile()
+    return fixed
+
+
+def lower_onnx(module, example_inputs, *, example_kwargs=None, path=None, dynamic=True, dynamic_shapes=None,
+               providers=None, threads=None, optimize: bool = True, opset: Optional[int] = None, **opts):
+    if opts:
+        raise TypeError(f"onnx backend: unknown options {sorted(opts)}")
+    if example_kwargs:
+        raise LoweringError("onnx backend: pass inputs positionally (example_kwargs are not supported)")
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError as e:  # pragma: no cover
+        raise LoweringError("the onnx backend needs onnx, onnxscript and onnxruntime: pip install 'ipcv[onnx]'") from e
+    t0 = time.perf_counter()
+    ep = export_program(module, example_inputs, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
+    t_export = time.perf_counter() - t0
+    n_fixed = fix_empty_reductions(ep)
+    t0 = time.perf_counter()
+    try:
+        prog = torch.onnx.export(ep, tuple(example_inputs), dynamo=True, optimize=optimize, opset_version=opset)
+    except Exception as e:
+        raise LoweringError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
+    t_onnx = time.perf_counter() - t0
+    path = path or default_artifact_path("onnx", ".onnx")
+    n_bytes = sum(v.numel() * v.element_size() for v in ep.state_dict.values())
+    prog.save(path, external_data=n_bytes > _EXTERNAL_DATA_BYTES)
+    positions = [i for i, a in enumerate(example_inputs) if isinstance(a, torch.Tensor)]
+    rt = OnnxRuntimeModule(path, positions, out_spec=ep.call_spec.out_spec, providers=providers, threads=threads)
+    if len(rt.input_names) != len(positions):
+        raise LoweringError(f"exported ONNX graph has inputs {rt.input_names} but the example has {len(positions)} "
+                            "tensor inputs (an unused input was dropped?)")
+    return Lowered("onnx", rt, artifact=path, dynamic_dims=dynamic_dims(ep),
+                   info={"export_s": t_export, "onnx_s": t_onnx, "inputs": rt.input_names,
+                         "empty_reductions_fixed": n_fixed})

@@ -1,0 +1,269 @@
+"""Lowering a rewritten graph (or any module) to a backend: ``lower(module, backend, example_inputs)``.
+
+Backends (one file each in :mod:`ipcv_compile.backends`):
+
+``eager``     the rewritten GraphModule as it is.
+``inductor``  ``torch.compile(graph, fullgraph=True, dynamic=True)`` (no graph breaks allowed).
+``onnx``      ``torch.export`` (dynamic dims where the graph allows them) -> ``torch.onnx.export``
+              (dynamo) -> a ``.onnx`` file, run by :class:`~ipcv_compile.backends.onnx.OnnxRuntimeModule`
+              (an onnxruntime session with the module's call convention).
+``pt2``       ``torch.export`` -> ``torch.export.save`` -> ``torch.export.load(...).module()``.
+``tensorrt``  torch-tensorrt's dynamo path: static-shape ``torch.export`` per input shape,
+              :func:`~ipcv_compile.tensorrt_check.tensorrt_check`, ``torch_tensorrt.dynamo.compile``;
+              one engine per static input shape (TopK needs a constant ``k``).
+
+Dynamic dims: by default every dim of every tensor input is ``Dim.AUTO``; ``torch.export`` keeps the
+ones the graph allows dynamic (token count and batch of a batched layout) and specialises the rest
+(feature dims; all token dims of a packed layout, whose per-segment keep counts are baked in).
+``Lowered.dynamic_dims`` says which stayed dynamic.
+
+:class:`TowerForExport` makes an exportable module of a whole rewritten tower
+(:class:`ipcv_adapters.IPCVTower`): the adapter's ``prepare`` -> rewritten block stack -> ``finish``,
+returning plain tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import fx, nn
+
+__all__ = [
+    "lower",
+    "Lowered",
+    "BACKENDS",
+    "LoweringError",
+    "BackendUnavailable",
+    "TowerForExport",
+    "auto_dynamic_shapes",
+    "export_program",
+    "dynamic_dims",
+    "graph_of",
+]
+
+BACKENDS = ("eager", "inductor", "onnx", "pt2", "tensorrt")
+
+
+class LoweringError(RuntimeError):
+    """A backend could not lower the module (the message says why and what to do)."""
+
+
+class BackendUnavailable(LoweringError):
+    """The backend's package or device is missing (e.g. torch-tensorrt, CUDA)."""
+
+
+@dataclass
+class Lowered:
+    """A lowered module: call it like the original (``lowered(*example_inputs)``).
+
+    Attributes:
+        backend: the backend name.
+        module: the callable that runs (GraphModule, compiled module, onnxruntime wrapper, ...).
+        artifact: the file written (onnx / pt2 / tensorrt), else None.
+        dynamic_dims: ``{input name: {dim: symbol}}`` of the dims that stayed dynamic in the export
+            (empty for eager / inductor, and for a fully static export).
+        info: backend-specific details (export seconds, providers, engines, ...).
+    """
+
+    backend: str
+    module: Callable
+    artifact: Optional[str] = None
+    dynamic_dims: Dict[str, Dict[int, str]] = field(default_factory=dict)
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+def graph_of(module: nn.Module) -> nn.Module:
+    """The runnable graph inside an :class:`ipcv_compile.IPCVModule` (its ``graph_module``), else
+    ``module`` itself."""
+    gm = getattr(module, "graph_module", None)
+    if isinstance(gm, fx.GraphModule):
+        return gm
+    return module
+
+
+def auto_dynamic_shapes(args: Sequence[Any], kwargs: Optional[Dict[str, Any]] = None):
+    """``Dim.AUTO`` on every dim of every tensor input (None for other inputs), in the structure
+    ``torch.export`` expects: a tuple for positional inputs, or a dict when there are kwargs."""
+    from torch.export import Dim
+
+    def spec(t):
+        if isinstance(t, torch.Tensor):
+            return {i: Dim.AUTO for i in range(t.dim())} or None
+        return None
+
+    a = tuple(spec(t) for t in args)
+    if not kwargs:
+        return a
+    return {"args": a, **{k: spec(v) for k, v in kwargs.items()}}
+
+
+def graph_dynamic_shapes(gm: fx.GraphModule, args: Sequence[Any]):
+    """``Dim.AUTO`` on the input dims that are symbolic in a captured / rewritten graph's placeholder
+    metadata (the dims it was captured dynamic in), static elsewhere; None when the graph has no
+    usable metadata or takes keyword inputs."""
+    from torch.export import Dim
+
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(phs) != len(args):
+        return None
+    specs = []
+    for n, a in zip(phs, args):
+        v = n.meta.get("val")
+        if not isinstance(a, torch.Tensor):
+            specs.append(None)
+            continue
+        if not isinstance(v, torch.Tensor) or v.dim() != a.dim():
+            return None
+        d = {i: Dim.AUTO for i, s in enumerate(v.shape) if not _is_static(s)}
+        specs.append(d or None)
+    return tuple(specs)
+
+
+def _is_static(s) -> bool:
+    if isinstance(s, int):
+        return True
+    node = getattr(s, "node", None)
+    return node is not None and getattr(node.expr, "is_number", False)
+
+
+def export_program(module: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]] = None, *,
+                   dynamic: bool = True, dynamic_shapes=None) -> "torch.export.ExportedProgram":
+    """``torch.export.export`` (non-strict) of ``module`` (an IPCVModule's graph is used directly).
+
+    Dynamic dims (unless ``dynamic=False`` or ``dynamic_shapes`` is given): for a captured /
+    rewritten GraphModule, the dims symbolic in its input metadata (:func:`graph_dynamic_shapes`);
+    for any other module, ``Dim.AUTO`` on every dim (:func:`auto_dynamic_shapes`).  ``Dim.AUTO``
+    lets export specialise what the graph fixes (e.g. a packed layout's token count)."""
+    m = graph_of(module)
+    kwargs = dict(kwargs or {})
+    if dynamic_shapes is None and dynamic:
+        if isinstance(m, fx.GraphModule) and not kwargs:
+            dynamic_shapes = graph_dynamic_shapes(m, args)
+        if dynamic_shapes is None:
+            dynamic_shapes = auto_dynamic_shapes(args, kwargs)
+        if kwargs:  # export wants kwargs' specs by name, positional ones as a tuple under their names
+            import inspect
+
+            names = list(inspect.signature(m.forward).parameters)
+            pos = dynamic_shapes.pop("args")
+            dynamic_shapes = {**{names[i]: s for i, s in enumerate(pos)}, **dynamic_shapes}
+    try:
+        with torch.no_grad():
+            return torch.export.export(m, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:  # pragma: no cover - message enrichment only
+        raise LoweringError(f"torch.export failed for {type(m).__name__}: {type(e).__name__}: {e}") from e
+
+
+def dynamic_dims(ep: "torch.export.ExportedProgram") -> Dict[str, Dict[int, str]]:
+    """Which user-input dims of ``ep`` are symbolic: ``{input name: {dim: symbol}}``."""
+    user = set(ep.graph_signature.user_inputs)
+    out: Dict[str, Dict[int, str]] = {}
+    for n in ep.graph.nodes:
+        if n.op != "placeholder" or n.name not in user:
+            continue
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            d = {i: str(s) for i, s in enumerate(v.shape) if not _is_static(s)}
+            if d:
+                out[n.name] = d
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+class TowerForExport(nn.Module):
+    """A whole rewritten tower as an exportable module returning plain tensors.
+
+    ``forward(pixel_values)`` runs ``adapter.prepare`` -> the rewritten block stack for the call's
+    layout -> ``adapter.finish`` and returns ``(last_hidden_state, pooler_output)`` (the non-None
+    ones, as a tuple).
+
+    Batched towers (DINOv2, InternVL, SigLIP, CLIP): everything is traced; batch and image size stay
+    dynamic when exported at a size other than the checkpoint's native one (the position-embedding
+    interpolation branch specialises the native size).
+
+    Packed towers (Qwen2-VL): ``prepare`` is data-dependent on ``grid_thw`` (``cu_seqlens``,
+    rotary positions), and the rewritten graph bakes each segment's keep count, so the module is built
+    for one fixed ``grid_thw`` (``fixed_kwargs``): the side inputs (rotary cos/sin, block-diagonal mask)
+    are computed once here and stored as buffers, and ``embed(tower, pixel_values)`` (the pixel-
+    dependent part of ``prepare``, e.g. ``tower.patch_embed``) runs in the graph.  One file per
+    layout: export it with static shapes (``dynamic=False``).
+    """
+
+    def __init__(self, tower: nn.Module, example: Sequence[Any] = (), fixed_kwargs: Optional[Dict[str, Any]] = None,
+                 embed: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None):
+        super().__init__()
+        if not hasattr(tower, "adapter") or not hasattr(tower, "graph_for"):
+            raise TypeError(f"TowerForExport expects an ipcv_adapters.IPCVTower, got {type(tower).__name__}")
+        self.tower = tower
+        self.fixed_kwargs = dict(fixed_kwargs or {})
+        self.packed = bool(tower.adapter.packed)
+        self._template = None
+        if self.packed:
+            if embed is None:
+                raise ValueError(
+                    f"{tower.adapter.name} is a packed tower: TowerForExport needs embed= (the pixel-dependent part of "
+                    "prepare) and fixed_kwargs= (the layout, e.g. grid_thw)"
+                )
+            self.embed = embed
+            with torch.no_grad():
+                prep = tower.adapter.prepare(*example, **self.fixed_kwargs)
+            self._template = prep
+            for i, s in enumerate(prep.side):
+                self.register_buffer(f"side_{i}", s, persistent=False)
+            self.rewritten = tower.graph_for(prep.layout)
+
+    def forward(self, pixel_values: torch.Tensor):
+        ad = self.tower.adapter
+        if self.packed:
+            from dataclasses import replace
+
+            side = tuple(getattr(self, f"side_{i}") for i in range(len(self._template.side)))
+            prep = replace(self._template, hidden=self.embed(self.tower.tower, pixel_values), side=side)
+            hidden = self.rewritten(*prep.stack_inputs)
+        else:
+            prep = ad.prepare(pixel_values, **self.fixed_kwargs)
+            hidden = self.tower.graph_for(prep.layout)(*prep.stack_inputs)
+        out = ad.finish(hidden, prep)
+        if isinstance(out, tuple):
+            return tuple(t for t in out if isinstance(t, torch.Tensor))
+        return tuple(t for t in (out.last_hidden_state, getattr(out, "pooler_output", None)) if t is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+def lower(module: nn.Module, backend: str, example_inputs: Sequence[Any], *,
+          example_kwargs: Optional[Dict[str, Any]] = None, path: Optional[str] = None,
+          dynamic: bool = True, dynamic_shapes=None, **options) -> Lowered:
+    """Lower ``module`` (an :class:`ipcv_compile.IPCVModule`, a GraphModule or any ``nn.Module``;
+    e.g. :class:`TowerForExport`) to ``backend``.
+
+    Args:
+        backend: one of :data:`BACKENDS`.
+        example_inputs: positional inputs for export / compilation / warm-up.
+        path: where ``onnx`` / ``pt2`` / ``tensorrt`` write their artifact (default: a temporary
+            directory kept for the life of the process).
+        dynamic: export / compile with dynamic dims where the graph allows them (ignored by
+            ``tensorrt``: one static engine per input shape).
+        options: backend options (``inductor``: ``mode``; ``onnx``: ``providers``, ``threads``,
+            ``optimize``; ``tensorrt``: ``precision``, ``check``, and torch-tensorrt compile options).
+    """
+    from . import backends
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    fn = backends.get(backend)
+    return fn(module, tuple(example_inputs), example_kwargs=example_kwargs, path=path, dynamic=dynamic,
+              dynamic_shapes=dynamic_shapes, **options)
+
+
+def default_artifact_path(backend: str, suffix: str) -> str:
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix=f"ipcv-{backend}-")
+    return os.path.join(d, f"model{suffix}")
