@@ -11,10 +11,10 @@ from typing import Optional, Tuple
 import torch
 
 from ipcv_core.config import IPCVConfig
-from ipcv_core.prune import prune_tokens
+from ipcv_core.prune import kept_layout, layout_coords, prune_tokens, stage_keep_counts
 from ipcv_core.reconstruct import ngr, restore
-from ipcv_core.segments import SegmentLayout
-from ipcv_core.selection import is_tracing
+from ipcv_core.segments import SegmentLayout, plan_segments
+from ipcv_core.selection import gather_rows, is_tracing
 
 __all__ = ["ipcv_prune", "ipcv_reconstruct", "ipcv_gather_tokens", "ipcv_attention_bias"]
 
@@ -35,28 +35,50 @@ def _model_layout(x: torch.Tensor, token_dim: int) -> torch.Tensor:
 def ipcv_prune(
     x_lp: torch.Tensor,
     x_prev: torch.Tensor,
+    x0: torch.Tensor,
+    pos_prev: Optional[torch.Tensor],
     *,
     token_dim: int,
     segment_lengths: Optional[Tuple[int, ...]],
     protected: int,
     grids: Optional[Tuple[Tuple[int, int], ...]],
     config: dict,
+    stage_retain: float,
+    prev_retain: float,
 ):
-    """The prune step of :func:`ipcv_core.prune.prune_tokens` at the input of block ``l_p``.
+    """One prune stage (:func:`ipcv_core.prune.prune_tokens`) at the input of its block.
 
-    The layout and config come as plain values (tuples / a dict), so the graph's generated code can
-    print them.  Returns ``(x_keep_lp [model layout, K rows], x_rem_lp (B,R,D), keep_idx (B,K),
-    rem_idx (B,R), nbr_idx (B,R,k), nbr_w (B,R,k), log_size (B,K))`` (``log_size`` zeros when no
-    merge variant is on).
+    ``x0`` is the block stack's input (its token count is the original one); ``pos_prev`` the
+    original positions of the current rows (None at the first stage).  The layout and config come
+    as plain values (tuples / a dict), so the graph's generated code can print them.  Returns
+    ``(x_keep [model layout], x_rem (B,R,D), keep_idx (B,K), rem_idx (B,R), nbr_idx (B,R,k),
+    nbr_w (B,R,k), log_size (B,K), pos (B,K))`` — indices relative to the current rows, ``pos``
+    the original positions of the kept rows; ``log_size`` zeros unless a merge variant is on.
     """
     layout = SegmentLayout(segment_lengths, protected, grids)
     cfg = IPCVConfig.from_dict(config)
+    stage_cfg = cfg.replace(retain=stage_retain, stages=()) if cfg.stages else cfg
     xb, pb = _bnd(x_lp, token_dim), _bnd(x_prev, token_dim)
-    if not is_tracing() and isinstance(xb.shape[1], int):
-        layout.check_tokens(xb.shape[1])
-    st = prune_tokens(xb, pb, layout, cfg)
+    n0 = x0.shape[token_dim]
+    if pos_prev is None:
+        if not is_tracing() and isinstance(xb.shape[1], int):
+            layout.check_tokens(xb.shape[1])
+        st = prune_tokens(xb, pb, layout, stage_cfg)
+        pos = st.keep_idx
+    else:
+        cur = kept_layout(layout, plan_segments(layout, n0, prev_retain, cfg.min_keep))
+        coords = None
+        if cfg.reconstruction == "spatial":
+            coords = gather_rows(layout_coords(layout, n0, xb.shape[0], xb.device), pos_prev)
+        st = prune_tokens(
+            xb, pb, cur, stage_cfg,
+            keep_counts=stage_keep_counts(layout, n0, stage_retain, cfg.min_keep),
+            positions=pos_prev, coords=coords,
+        )
+        pos = torch.gather(pos_prev, 1, st.keep_idx)
     log_size = st.log_size if st.log_size is not None else torch.zeros_like(st.keep_idx, dtype=torch.float32)
-    return _model_layout(st.h_keep_lp, token_dim), st.h_rem_lp, st.keep_idx, st.rem_idx, st.nbr_idx, st.nbr_w, log_size
+    return (_model_layout(st.h_keep_lp, token_dim), st.h_rem_lp, st.keep_idx, st.rem_idx, st.nbr_idx, st.nbr_w,
+            log_size, pos)
 
 
 def ipcv_attention_bias(mask: Optional[torch.Tensor], log_size: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
@@ -70,22 +92,15 @@ def ipcv_attention_bias(mask: Optional[torch.Tensor], log_size: torch.Tensor, *,
     return mask.to(dtype) + bias
 
 
-def ipcv_reconstruct(
-    x_keep_l: torch.Tensor,
-    x_keep_lp: torch.Tensor,
-    x_rem_lp: torch.Tensor,
-    keep_idx: torch.Tensor,
-    rem_idx: torch.Tensor,
-    nbr_idx: torch.Tensor,
-    nbr_w: torch.Tensor,
-    *,
-    token_dim: int,
-) -> torch.Tensor:
-    """NGR (eq. 5) for the removed rows at the current layer, then restore (eq. 7/10): the full
-    sequence in original order, in the model's layout."""
-    hk_l, hk_lp = _bnd(x_keep_l, token_dim), _bnd(x_keep_lp, token_dim)
-    rec = ngr(x_rem_lp, hk_lp, hk_l, nbr_idx, nbr_w)
-    return _model_layout(restore(hk_l, rec, keep_idx, rem_idx), token_dim)
+def ipcv_reconstruct(x_keep_l: torch.Tensor, stages: Tuple[Tuple[torch.Tensor, ...], ...], *, token_dim: int) -> torch.Tensor:
+    """NGR (eq. 5) for the removed rows at the current layer, then restore (eq. 7/10), through every
+    prune stage (innermost first): the full sequence in original order, in the model's layout.
+    ``stages``: per stage ``(x_keep_lp, x_rem_lp, keep_idx, rem_idx, nbr_idx, nbr_w)``."""
+    x = _bnd(x_keep_l, token_dim)
+    for x_keep_lp, x_rem_lp, keep_idx, rem_idx, nbr_idx, nbr_w in reversed(stages):
+        rec = ngr(x_rem_lp, _bnd(x_keep_lp, token_dim), x, nbr_idx, nbr_w)
+        x = restore(x, rec, keep_idx, rem_idx)
+    return _model_layout(x, token_dim)
 
 
 def ipcv_gather_tokens(t: torch.Tensor, keep_idx: torch.Tensor, *, dims: Tuple[int, ...], batch: str) -> torch.Tensor:

@@ -43,20 +43,24 @@ def block_flops(q_rows: int, kv_rows: int, ffn_rows: int, dim: int, ffn_params: 
 
 
 def config_flops(cfg: Optional[IPCVConfig], n_tokens: int, protected: int, depth: int, dim: int, ffn_params: int) -> int:
-    """FLOPs of the block stack for one segment of ``n_tokens`` (protected included)."""
+    """FLOPs of the block stack for one segment of ``n_tokens`` (protected included), following the
+    config's prune schedule (every stage), AS range, neighbour search and NGR."""
     if cfg is None:
         return depth * block_flops(n_tokens, n_tokens, n_tokens, dim, ffn_params)
-    K = protected + num_keep(n_tokens - protected, cfg.retain, cfg.min_keep)
+    sched = dict(cfg.schedule)
+    rows = n_tokens
     total = 0
+    prev = n_tokens
     for b in range(depth):
-        if b < cfg.prune_layer:
-            total += block_flops(n_tokens, n_tokens, n_tokens, dim, ffn_params)
-        elif b < cfg.as_end:
-            total += block_flops(K, n_tokens, K, dim, ffn_params)
+        if b in sched:
+            K = protected + num_keep(n_tokens - protected, sched[b], cfg.min_keep)
+            R = prev - K
+            total += 2 * R * K * dim + 2 * R * cfg.k * dim  # neighbour search + final NGR
+            prev = rows = K
+        if cfg.prune_layer <= b < cfg.as_end:
+            total += block_flops(rows, n_tokens, rows, dim, ffn_params) + 2 * (n_tokens - rows) * cfg.k * dim
         else:
-            total += block_flops(K, K, K, dim, ffn_params)
-    R = n_tokens - K
-    total += 2 * R * K * dim + (cfg.as_depth + 1) * 2 * R * cfg.k * dim  # neighbour search + NGR
+            total += block_flops(rows, rows, rows, dim, ffn_params)
     return total
 
 

@@ -19,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Mapping
+from typing import Any, Mapping, Tuple
 
 __all__ = ["IPCVConfig", "num_keep", "retain_fraction"]
 
@@ -64,6 +64,13 @@ class IPCVConfig:
             additionally the kept token's value at l_p becomes the size-weighted mean of itself and
             the tokens it absorbed (ToMe's merge).
         seed: seed of ``"random"`` selections.
+        stages: earlier prune stages ``((layer, retain), ...)`` before the final one at
+            ``prune_layer`` with ``retain`` — pruning spread over several blocks (layers strictly
+            increasing and below ``prune_layer``, retains strictly decreasing and above ``retain``;
+            every ratio is relative to the original token count).  Removed tokens of every stage
+            are NGR-reconstructed at the end (innermost stage first); AS follows the final stage.
+            Later stages select with the eq. 1 score (``"stratified"``) or the hash
+            (``"stratified_random"``): their rows no longer form a grid.  Not combinable with merge.
     """
 
     retain: float = 0.35
@@ -78,6 +85,7 @@ class IPCVConfig:
     reconstruction: str = "feature"
     merge: str = "none"
     seed: int = 0
+    stages: Tuple[Tuple[int, float], ...] = ()
     # Free-form, validated by the component that reads it (variants added beyond the paper).
     extras: Mapping[str, Any] = field(default_factory=dict)
 
@@ -101,6 +109,23 @@ class IPCVConfig:
         for name, allowed in (("selection", SELECTIONS), ("reconstruction", RECONSTRUCTIONS), ("merge", MERGES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"IPCVConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        stages = tuple((int(sl), float(sr)) for sl, sr in self.stages)
+        object.__setattr__(self, "stages", stages)
+        prev_l, prev_r = 0, 1.0 + 1e-12
+        for sl, sr in stages:
+            if not (prev_l < sl < self.prune_layer):
+                raise ValueError(
+                    f"IPCVConfig.stages layers must increase strictly within [1, prune_layer-1] = "
+                    f"[1, {self.prune_layer - 1}], got {list(stages)}"
+                )
+            if not (float(r) < sr < prev_r):
+                raise ValueError(
+                    f"IPCVConfig.stages retains must decrease strictly within (retain, 1] = ({self.retain}, 1], "
+                    f"got {list(stages)}"
+                )
+            prev_l, prev_r = sl, sr
+        if stages and self.merge != "none":
+            raise ValueError("IPCVConfig.stages cannot be combined with merge (allowed: merge='none')")
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"IPCVConfig.seed must be an int >= 0, got {self.seed!r}")
         if not isinstance(self.reintegrate, bool):
@@ -125,9 +150,15 @@ class IPCVConfig:
             )
 
     @property
+    def schedule(self) -> Tuple[Tuple[int, float], ...]:
+        """Every prune stage ``(layer, retain)``, the final one (``prune_layer``, ``retain``) last."""
+        return tuple(self.stages) + ((self.prune_layer, self.retain),)
+
+    @property
     def is_reference(self) -> bool:
         """True when this is the paper's method as published (no variant beyond the paper)."""
-        return (self.selection, self.reconstruction, self.merge, self.weighting) == ("score", "feature", "none", "mean")
+        return (self.selection, self.reconstruction, self.merge, self.weighting, self.stages) == (
+            "score", "feature", "none", "mean", ())
 
     @property
     def needs_grid(self) -> bool:
@@ -145,6 +176,7 @@ class IPCVConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["extras"] = dict(self.extras)
+        d["stages"] = [list(s) for s in self.stages]
         return d
 
     @classmethod

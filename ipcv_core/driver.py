@@ -25,16 +25,16 @@ Schedule (blocks numbered from 0, ``l_p = prune_layer``, ``Δ = as_depth``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Protocol, Sequence
 
 import torch
 
 from .config import IPCVConfig
 from .reconstruct import knn_kept, neighbour_weights, ngr, restore
 from .segments import SegmentLayout, SegmentPlan, segment_ids, segment_mask
-from .prune import PruneState, prune_tokens
-from .selection import gather_rows, select_per_segment
+from .prune import PruneState, kept_layout, layout_coords, prune_tokens, reconstruct_nested, stage_keep_counts
+from .selection import compact, gather_rows, select_per_segment
 
 __all__ = ["AttnContext", "Block", "Branches", "DriverOutput", "run_blocks", "run_ipcv"]
 
@@ -101,12 +101,13 @@ class Branches:
 @dataclass
 class DriverOutput:
     hidden_states: torch.Tensor  # (B, N, D) with reintegration, else (B, K, D)
-    keep_idx: torch.Tensor  # (B, K)
-    rem_idx: torch.Tensor  # (B, R)
-    nbr_idx: torch.Tensor  # (B, R, k) into the kept list
-    nbr_weights: torch.Tensor  # (B, R, k)
-    scores: torch.Tensor  # (B, N)
-    plan: SegmentPlan
+    keep_idx: torch.Tensor  # (B, K) original positions kept to the end
+    rem_idx: torch.Tensor  # (B, R) original positions removed (at any stage)
+    nbr_idx: torch.Tensor  # (B, R_last, k) of the last stage, into its kept list
+    nbr_weights: torch.Tensor  # (B, R_last, k)
+    scores: torch.Tensor  # (B, N) scores of the first stage
+    plan: SegmentPlan  # of the last stage
+    stages: List["PruneState"] = field(default_factory=list)  # every prune stage, in order
 
 
 def _masks(layout: SegmentLayout, n: int, device):
@@ -136,7 +137,7 @@ def run_ipcv(
     """Run ``blocks`` on ``h (B, N, D)`` with IPCV.
 
     Args:
-        scores_fn: optional replacement for eq. (1), ``(H_lp, H_(lp-1)) -> (B, N)``.
+        scores_fn: optional replacement for eq. (1), ``(H_lp, H_(lp-1)) -> (B, N)`` (single-stage).
     """
     if h.dim() != 3:
         raise ValueError(f"hidden states must be (B, N, D), got shape {tuple(h.shape)}")
@@ -144,55 +145,63 @@ def run_ipcv(
     depth = len(blocks)
     config.validate_depth(depth)
     B, N, D = h.shape
-    lp, as_end = config.prune_layer, config.as_end
+    as_end = config.as_end
+    schedule = dict(config.schedule)  # layer -> retain
     seg = _masks(layout, N, h.device)
-    full_ctx = AttnContext(mask=None if seg is None else segment_mask(seg, seg))
+    seg_full = None if seg is None else seg.expand(B, N)
+    ctx = AttnContext(mask=None if seg is None else segment_mask(seg, seg))
+    coords = layout_coords(layout, N, B, h.device) if config.reconstruction == "spatial" and config.stages else None
 
-    h_prev = h
-    for blk in blocks[:lp]:
-        h_prev = h
-        h = h + blk.attention_branch(h, h, full_ctx)
-        h = h + blk.ffn_branch(h)
-
-    # ---- prune at the input of block l_p
-    if scores_fn is not None:
-        st = _prune_with_scores(h, h_prev, layout, config, scores_fn)
-    else:
-        st = prune_tokens(h, h_prev, layout, config)
-    keep_idx, rem_idx, plan = st.keep_idx, st.rem_idx, st.plan
-    h_keep_lp, h_rem_lp, nbr_idx, w = st.h_keep_lp, st.h_rem_lp, st.nbr_idx, st.nbr_w
-
-    seg_keep = None if seg is None else torch.gather(seg.expand(B, N), 1, keep_idx)
-    as_ctx = AttnContext(
-        q_pos=keep_idx,
-        kv_pos=None,
-        q_in_kv=keep_idx,
-        mask=None if seg is None else segment_mask(seg_keep, seg.expand(B, N)),
-    )
-    kept_ctx = AttnContext(
-        q_pos=keep_idx,
-        kv_pos=keep_idx,
-        q_in_kv=None,
-        mask=None if seg is None else segment_mask(seg_keep, seg_keep),
-        bias=None if st.log_size is None else st.log_size[:, None, None, :],
-    )
-
-    x = h_keep_lp
-    for li in range(lp, depth):
-        blk = blocks[li]
-        if li < as_end:
-            x_rem = ngr(h_rem_lp, h_keep_lp, x, nbr_idx, w)
-            x_full = restore(x, x_rem, keep_idx, rem_idx)
+    stages: List[PruneState] = []
+    pos = None  # (B, K) original positions of the current rows
+    cur_layout = layout
+    x, x_prev = h, h
+    as_ctx = None
+    for li, blk in enumerate(blocks):
+        if li in schedule:
+            r = schedule[li]
+            cfg = config.replace(retain=r, stages=()) if config.stages else config
+            if scores_fn is not None and not config.stages:
+                st = _prune_with_scores(x, x_prev, layout, config, scores_fn)
+            elif not stages:
+                st = prune_tokens(x, x_prev, layout, cfg)
+            else:
+                st = prune_tokens(
+                    x, x_prev, cur_layout, cfg,
+                    keep_counts=stage_keep_counts(layout, N, r, config.min_keep),
+                    positions=pos, coords=None if coords is None else gather_rows(coords, pos),
+                )
+            stages.append(st)
+            cur_layout = kept_layout(cur_layout, st.plan)
+            pos = st.keep_idx if pos is None else torch.gather(pos, 1, st.keep_idx)
+            x = st.h_keep_lp
+            seg_keep = None if seg is None else torch.gather(seg_full, 1, pos)
+            ctx = AttnContext(
+                q_pos=pos, kv_pos=pos,
+                mask=None if seg is None else segment_mask(seg_keep, seg_keep),
+                bias=None if st.log_size is None else st.log_size[:, None, None, :],
+            )
+            if li == config.prune_layer:
+                as_ctx = AttnContext(
+                    q_pos=pos, kv_pos=None, q_in_kv=pos,
+                    mask=None if seg is None else segment_mask(seg_keep, seg_full),
+                )
+        x_prev = x
+        if config.prune_layer <= li < as_end:
+            x_full = reconstruct_nested(x, stages)
             x = x + blk.attention_branch(x, x_full, as_ctx)
         else:
-            x = x + blk.attention_branch(x, x, kept_ctx)
+            x = x + blk.attention_branch(x, x, ctx)
         x = x + blk.ffn_branch(x)
 
-    if config.reintegrate:
-        out = restore(x, ngr(h_rem_lp, h_keep_lp, x, nbr_idx, w), keep_idx, rem_idx)
+    out = reconstruct_nested(x, stages) if config.reintegrate else x
+    last = stages[-1]
+    if len(stages) == 1:
+        keep_idx, rem_idx = last.keep_idx, last.rem_idx
     else:
-        out = x
-    return DriverOutput(out, keep_idx, rem_idx, nbr_idx, w, st.scores, plan)
+        mask = torch.zeros(B, N, dtype=torch.bool, device=h.device).scatter(1, pos, True)
+        keep_idx, rem_idx = compact(mask, pos.shape[1]), compact(~mask, N - pos.shape[1])
+    return DriverOutput(out, keep_idx, rem_idx, last.nbr_idx, last.nbr_w, stages[0].scores, last.plan, stages)
 
 
 def _prune_with_scores(h, h_prev, layout, config, scores_fn) -> PruneState:

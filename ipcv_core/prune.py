@@ -13,9 +13,9 @@ from .config import IPCVConfig
 from .reconstruct import knn_kept, neighbour_weights
 from .segments import SegmentLayout, SegmentPlan, plan_segments
 from .selection import feature_difference_score, gather_rows, select_per_segment
-from .variants import absorb_sizes, grid_coords, hash_scores, merge_average
+from .variants import absorb_sizes, grid_coords, hash_of, hash_scores, merge_average
 
-__all__ = ["PruneState", "prune_tokens"]
+__all__ = ["PruneState", "prune_tokens", "kept_layout", "stage_keep_counts", "reconstruct_nested", "layout_coords"]
 
 
 @dataclass
@@ -40,20 +40,38 @@ def _coords(layout: SegmentLayout, plan: SegmentPlan, B: int, device) -> torch.T
     return c.unsqueeze(0).expand(B, -1, -1)
 
 
-def prune_tokens(h: torch.Tensor, h_prev: torch.Tensor, layout: SegmentLayout, config: IPCVConfig) -> PruneState:
-    """``h = H_lp``, ``h_prev = H_(lp-1)``, both ``(B, N, D)``."""
+def prune_tokens(
+    h: torch.Tensor,
+    h_prev: torch.Tensor,
+    layout: SegmentLayout,
+    config: IPCVConfig,
+    *,
+    keep_counts=None,
+    positions: Optional[torch.Tensor] = None,
+    coords: Optional[torch.Tensor] = None,
+) -> PruneState:
+    """``h = H_lp``, ``h_prev = H_(lp-1)``, both ``(B, N, D)``.
+
+    Later stages of a multi-stage schedule pass ``keep_counts`` (prunable tokens to keep per
+    segment), ``positions (B, N)`` (original positions of the rows, for hashed scores) and
+    ``coords (B, N, 2)`` (grid coordinates of the rows, for spatial neighbours); their rows no longer
+    form a grid, so stratified selections fall back to the plain top-K of their score.
+    """
     B, N, _ = h.shape
-    plan = plan_segments(layout, N, config.retain, config.min_keep)
+    plan = plan_segments(layout, N, config.retain, config.min_keep, keep_counts)
     if config.selection in ("random", "stratified_random"):
-        scores = hash_scores(N, config.seed, h.device).unsqueeze(0).expand(B, N)
+        if positions is None:
+            scores = hash_scores(N, config.seed, h.device).unsqueeze(0).expand(B, N)
+        else:
+            scores = hash_of(positions, config.seed)
     else:
         scores = feature_difference_score(h, h_prev)
-    strategy = "stratified" if config.selection.startswith("stratified") else "topk"
+    strategy = "stratified" if config.selection.startswith("stratified") and positions is None else "topk"
     keep_idx, rem_idx, plan = select_per_segment(scores, layout, config.retain, config.min_keep, plan, strategy)
     h_keep = gather_rows(h, keep_idx)
     h_rem = gather_rows(h, rem_idx)
     if config.reconstruction == "spatial":
-        c = _coords(layout, plan, B, h.device)
+        c = _coords(layout, plan, B, h.device) if coords is None else coords
         nbr_idx, valid = knn_kept(gather_rows(c, rem_idx), gather_rows(c, keep_idx), plan, config.k)
     else:
         nbr_idx, valid = knn_kept(h_rem, h_keep, plan, config.k)
@@ -65,3 +83,31 @@ def prune_tokens(h: torch.Tensor, h_prev: torch.Tensor, layout: SegmentLayout, c
             h_keep = merge_average(h_keep, h_rem, nbr_idx, sizes)
         log_size = torch.log(sizes)
     return PruneState(keep_idx, rem_idx, h_keep, h_rem, nbr_idx, w, log_size, scores, plan)
+
+
+def kept_layout(layout: SegmentLayout, plan: SegmentPlan) -> SegmentLayout:
+    """The layout of a kept list (protected + kept rows per segment; no grid any more)."""
+    if layout.lengths is None:
+        return SegmentLayout(None, layout.protected)
+    return SegmentLayout(tuple(s.protected + s.keep for s in plan.segments), layout.protected)
+
+
+def stage_keep_counts(layout: SegmentLayout, n_tokens, retain: float, min_keep: int):
+    """Prunable tokens kept per segment at a stage with ``retain`` (of the ORIGINAL counts)."""
+    return [s.keep for s in plan_segments(layout, n_tokens, retain, min_keep).segments]
+
+
+def layout_coords(layout: SegmentLayout, n_tokens, B: int, device) -> torch.Tensor:
+    """``(B, N, 2)`` grid coordinates of every token of the original layout."""
+    return _coords(layout, plan_segments(layout, n_tokens, 1.0), B, device)
+
+
+def reconstruct_nested(x_keep: torch.Tensor, stages) -> torch.Tensor:
+    """NGR + restore through every stage, innermost (last) first: kept rows of the last stage ->
+    the full original sequence."""
+    from .reconstruct import ngr, restore
+
+    x = x_keep
+    for st in reversed(list(stages)):
+        x = restore(x, ngr(st.h_rem_lp, st.h_keep_lp, x, st.nbr_idx, st.nbr_w), st.keep_idx, st.rem_idx)
+    return x

@@ -131,7 +131,9 @@ class SegmentPlan:
         return all(isinstance(s.remove, int) and s.remove == 0 for s in self.segments)
 
 
-def plan_segments(layout: SegmentLayout, n_tokens, retain: float, min_keep: int = 1) -> SegmentPlan:
+def plan_segments(layout: SegmentLayout, n_tokens, retain: float, min_keep: int = 1, keep_counts=None) -> SegmentPlan:
+    """``keep_counts``: explicit prunable tokens kept per segment (later stages of a multi-stage
+    schedule, whose counts come from the original lengths), instead of ``num_keep(n, retain)``."""
     layout.check_tokens(n_tokens)
     lengths = (n_tokens,) if layout.lengths is None else layout.lengths
     P = layout.protected
@@ -139,9 +141,9 @@ def plan_segments(layout: SegmentLayout, n_tokens, retain: float, min_keep: int 
     start = 0
     k_off = 0
     r_off = 0
-    for n in lengths:
+    for i, n in enumerate(lengths):
         prunable = n - P
-        kp = num_keep(prunable, retain, min_keep)
+        kp = num_keep(prunable, retain, min_keep) if keep_counts is None else keep_counts[i]
         rem = prunable - kp
         segs.append(SegmentSpec(start, n, P, kp, rem, k_off, r_off))
         start = start + n

@@ -10,16 +10,20 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["hash_scores", "zorder_groups", "stratified_top", "grid_coords", "absorb_sizes", "merge_average"]
+__all__ = ["hash_scores", "hash_of", "zorder_groups", "stratified_top", "grid_coords", "absorb_sizes", "merge_average"]
 
 _M = 2**31
 
 
 def hash_scores(n, seed: int, device=None) -> torch.Tensor:
-    """``(n,)`` pseudo-random scores in ``[0, 1)`` from the token index alone (two rounds of an
-    integer LCG: exact on every backend, so eager, ONNX and TensorRT pick the same tokens).
-    The same for every image, independent of batch position."""
-    i = torch.arange(n, device=device, dtype=torch.long)
+    """``(n,)`` pseudo-random scores in ``[0, 1)`` from the token index alone (rounds of an integer
+    LCG: exact on every backend, so eager, ONNX and TensorRT pick the same tokens).  The same for
+    every image, independent of batch position."""
+    return hash_of(torch.arange(n, device=device, dtype=torch.long), seed)
+
+
+def hash_of(i: torch.Tensor, seed: int) -> torch.Tensor:
+    """:func:`hash_scores` of arbitrary int64 token positions ``i`` (any shape)."""
     x = (i * 1103515245 + 12345 + seed * 2654435) % _M
     x = (x * 1103515245 + 12345) % _M
     x = (x * 69069 + 1) % _M

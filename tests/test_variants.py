@@ -129,3 +129,41 @@ def test_variant_graph_equals_driver(captured, case, variant):
         out = rm(*args)
         ref = m.norm(run_ipcv(h, m.branches(cos, sin), cfg, layout).hidden_states)
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["batched-cls", "packed-rotary"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(stages=((1, 0.6),), prune_layer=2, as_depth=1),
+        dict(stages=((1, 0.7), (2, 0.5)), prune_layer=3, as_depth=0, selection="stratified_random", reconstruction="spatial"),
+        dict(stages=((1, 0.6),), prune_layer=3, as_depth=1, selection="stratified", weighting="similarity"),
+    ],
+    ids=["2stage-AS", "3stage-random-spatial", "2stage-stratified"],
+)
+def test_multistage_graph_equals_driver(captured, case, variant):
+    m, args, layout, gm = captured[case]
+    cfg = IPCVConfig(**{**dict(retain=0.35, k=3), **variant})
+    rm = rewrite_graph(gm, cfg, SPEC, layout)
+    h, cos, sin, _ = args
+    with torch.no_grad():
+        out = rm(*args)
+        res = run_ipcv(h, m.branches(cos, sin), cfg, layout)
+        ref = m.norm(res.hidden_states)
+    assert len(res.stages) == len(cfg.stages) + 1
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+    assert rm.report.inserted["ipcv_prune"] == len(cfg.stages) + 1
+
+
+def test_multistage_keeps_the_scheduled_counts():
+    spec = ViTSpec(depth=5)
+    m = SyntheticViT(spec).eval()
+    h, *_, layout = make_inputs(spec, [(6, 6)], 1, batch=2, packed=False)
+    cfg = IPCVConfig(retain=0.25, stages=((1, 0.75), (2, 0.5)), prune_layer=3, as_depth=1, k=3)
+    res = run_ipcv(h, m.branches(), cfg, layout)
+    assert [st.keep_idx.shape[1] for st in res.stages] == [1 + 27, 1 + 18, 1 + 9]
+    assert res.keep_idx.shape[1] == 10 and res.rem_idx.shape[1] == 27
+    assert (res.keep_idx[:, 0] == 0).all()
+    assert sorted(res.keep_idx[0].tolist() + res.rem_idx[0].tolist()) == list(range(37))
+    with pytest.raises(ValueError, match="IPCVConfig.stages"):
+        IPCVConfig(retain=0.5, stages=((2, 0.4),), prune_layer=3)

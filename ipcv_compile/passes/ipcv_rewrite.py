@@ -116,69 +116,86 @@ class IPCVRewritePass:
             report.inserted["getitem"] += 1
             return g.call_function(operator.getitem, (n, i))
 
-        # ---------------------------------------------------------------- prune at block l_p
-        x_lp = blocks[lp].input
-        x_prev = blocks[lp - 1].input
-        first_node = blocks[lp].nodes[0]
-        with g.inserting_before(first_node):
-            prune = call(
-                ipcv_ops.ipcv_prune,
-                (x_lp, x_prev),
-                dict(
-                    token_dim=td,
-                    segment_lengths=self.layout.lengths,
-                    protected=self.layout.protected,
-                    grids=self.layout.grids,
-                    config=cfg.to_dict(),
-                ),
-                "ipcv_prune",
-            )
-            x_keep_lp, x_rem_lp, keep_idx, rem_idx, nbr_idx, nbr_w, log_size = (getitem(prune, i) for i in range(7))
-        # side inputs used after the AS range, gathered once (right after the prune point, or
-        # right after the side value itself when the graph defines it later)
+        sched = cfg.schedule  # ((layer, retain), ...), the final stage (l_p, r) last
+        first_layer = sched[0][0]
         order = {n: i for i, n in enumerate(g.nodes)}
-        gathered: Dict[fx.Node, fx.Node] = {}
-        for blk in blocks[as_end:]:
-            for s in blk.side_uses:
-                if s in gathered:
-                    continue
-                dims = gmap.side_inputs[s]
-                mode = _batch_mode(s.meta["val"], dims, hidden_val, td)
-                where = g.inserting_after(s) if order[s] > order[prune] else g.inserting_after(nbr_w)
-                with where:
-                    gathered[s] = call(
-                        ipcv_ops.ipcv_gather_tokens, (s, keep_idx), dict(dims=dims, batch=mode), f"{s.name}_kept"
-                    )
-                report.side_inputs[s.name] = dims
+        stage_nodes: List[tuple] = []  # per stage: (x_keep_lp, x_rem_lp, keep_idx, rem_idx, nbr_idx, nbr_w)
+        gathered_by_stage: List[Dict[fx.Node, fx.Node]] = []
+        pos = None  # original positions of the current rows (node)
+        log_size = None
+        prev_retain = 1.0
+
+        def gather_side(blocks_using, pos_node, after, stage_i):
+            out: Dict[fx.Node, fx.Node] = {}
+            for blk in blocks_using:
+                for s_ in blk.side_uses:
+                    if s_ in out:
+                        continue
+                    dims = gmap.side_inputs[s_]
+                    mode = _batch_mode(s_.meta["val"], dims, hidden_val, td)
+                    where = g.inserting_after(s_) if order.get(s_, -1) > order.get(after, 10**9) else g.inserting_after(after)
+                    with where:
+                        out[s_] = call(ipcv_ops.ipcv_gather_tokens, (s_, pos_node), dict(dims=dims, batch=mode),
+                                       f"{s_.name}_kept{stage_i}")
+                    report.side_inputs[s_.name] = dims
+            return out
 
         def reconstruct(x_keep_l, where, name):
             with where:
-                return call(
-                    ipcv_ops.ipcv_reconstruct,
-                    (x_keep_l, x_keep_lp, x_rem_lp, keep_idx, rem_idx, nbr_idx, nbr_w),
-                    dict(token_dim=td),
-                    name,
-                )
+                return call(ipcv_ops.ipcv_reconstruct, (x_keep_l, tuple(stage_nodes)), dict(token_dim=td), name)
 
-        # ---------------------------------------------------------------- blocks >= l_p
-        block_in: fx.Node = x_keep_lp
-        for bi in range(lp, depth):
+        # ---------------------------------------------------------------- blocks >= first prune layer
+        block_in: Optional[fx.Node] = None
+        prev_in: fx.Node = blocks[first_layer - 1].input  # input of the previous block, as rewritten
+        stage_of_layer = {l: (si, r) for si, (l, r) in enumerate(sched)}
+        for bi in range(first_layer, depth):
             blk = blocks[bi]
             old_in = blk.input
-            # the block's residual stream becomes the kept rows
+            if block_in is None:
+                block_in = old_in
+            if bi in stage_of_layer:
+                si, r = stage_of_layer[bi]
+                with g.inserting_before(blk.nodes[0]):
+                    prune = call(
+                        ipcv_ops.ipcv_prune,
+                        (block_in, prev_in, gmap.hidden, pos),
+                        dict(
+                            token_dim=td,
+                            segment_lengths=self.layout.lengths,
+                            protected=self.layout.protected,
+                            grids=self.layout.grids,
+                            config=cfg.to_dict(),
+                            stage_retain=r,
+                            prev_retain=prev_retain,
+                        ),
+                        f"ipcv_prune{si}" if len(sched) > 1 else "ipcv_prune",
+                    )
+                    outs = [getitem(prune, i) for i in range(8)]
+                x_keep, x_rem, keep_idx, rem_idx, nbr_idx, nbr_w, log_size, pos = outs
+                stage_nodes.append((x_keep, x_rem, keep_idx, rem_idx, nbr_idx, nbr_w))
+                order = {n: i for i, n in enumerate(g.nodes)}
+                prev_retain = r
+                # side inputs of the kept-rows blocks of this stage (not the AS ones)
+                nxt = sched[si + 1][0] if si + 1 < len(sched) else depth
+                using = [b for b in blocks[bi:nxt] if not (lp <= b.index < as_end)]
+                gathered_by_stage.append(gather_side(using, pos, outs[-1], si))
+                block_in = x_keep
+            # the block's residual stream becomes the current rows
             for n in blk.nodes:
                 n.replace_input_with(old_in, block_in)
             extra = []
-            if bi < as_end:
-                extra = self._attention_stabilised(g, blk, block_in, keep_idx, reconstruct, report, gmap)
+            if lp <= bi < as_end:
+                extra = self._attention_stabilised(g, blk, block_in, pos, reconstruct, report, gmap)
             else:
+                gathered = gathered_by_stage[-1]
                 for n in blk.nodes:
-                    for s, s_k in gathered.items():
-                        if s in n.all_input_nodes:
-                            n.replace_input_with(s, s_k)
-                if cfg.merge != "none":
+                    for s_, s_k in gathered.items():
+                        if s_ in n.all_input_nodes:
+                            n.replace_input_with(s_, s_k)
+                if cfg.merge != "none" and bi >= lp:
                     self._proportional_attention(g, blk, log_size, report)
             self._follow_token_count(list(blk.nodes) + extra, gmap.token_symbol, report)
+            prev_in = block_in
             block_in = blk.output
 
         # ---------------------------------------------------------------- reintegration
