@@ -67,7 +67,7 @@ class SiglipVisionAdapter(_EncoderLayersAdapter):
         req = pop_output_request(kwargs, self.tower.config, self.depth)
         reject_kwargs(kwargs, "SiglipVisionModel")
         emb = self.tower.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
-        return Prepared(emb, (), self.layout(), req)
+        return Prepared(emb, (), self.layout(pixel_values, emb.shape[1]), req)
 
     def finish(self, hidden: torch.Tensor, prep: Prepared):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -98,7 +98,7 @@ class CLIPVisionAdapter(_EncoderLayersAdapter):
             raise ValueError("CLIPVisionModel needs pixel_values")
         t = self.tower
         emb = t.pre_layrnorm(t.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding)))
-        return Prepared(emb, (), self.layout(), req)
+        return Prepared(emb, (), self.layout(pixel_values, emb.shape[1]), req)
 
     def finish(self, hidden: torch.Tensor, prep: Prepared):
         from transformers.modeling_outputs import BaseModelOutputWithPooling

@@ -84,8 +84,18 @@ class BatchedViTAdapter(TowerAdapter):
     def hidden_size(self) -> int:
         return int(self.tower.config.hidden_size)
 
-    def layout(self) -> SegmentLayout:
-        return SegmentLayout.batched(self.protected)
+    def layout(self, pixel_values: Optional[torch.Tensor] = None, n_tokens: Optional[int] = None) -> SegmentLayout:
+        """One segment per row; with ``pixel_values`` also the patch grid (row-major after the
+        protected tokens), for the grid-aware variants."""
+        grid = None
+        if pixel_values is not None:
+            ps = getattr(self.tower.config, "patch_size", None)
+            ps = tuple(ps) if isinstance(ps, (list, tuple)) else (ps, ps)
+            if ps[0]:
+                grid = (int(pixel_values.shape[-2]) // int(ps[0]), int(pixel_values.shape[-1]) // int(ps[1]))
+                if n_tokens is not None and grid[0] * grid[1] + self.protected != n_tokens:
+                    grid = None  # not a plain patch grid: grid-aware variants unavailable
+        return SegmentLayout.batched(self.protected, grid)
 
     def block_stack(self) -> nn.Module:
         return LayerStack(shells(self.blocks, self.attn_implementation), self.mask_positional).eval()

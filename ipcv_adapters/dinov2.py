@@ -104,7 +104,7 @@ class Dinov2Adapter(BatchedViTAdapter):
         if pixel_values is None:
             raise ValueError("Dinov2Model needs pixel_values")
         emb = self.tower.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
-        return Prepared(emb, (), self.layout(), req)
+        return Prepared(emb, (), self.layout(pixel_values, emb.shape[1]), req)
 
     def finish(self, hidden: torch.Tensor, prep: Prepared):
         from transformers.modeling_outputs import BaseModelOutputWithPooling

@@ -45,7 +45,7 @@ class InternVLVisionAdapter(BatchedViTAdapter):
         req = pop_output_request(kwargs, self.tower.config, self.depth)
         reject_kwargs(kwargs, "InternVLVisionModel")
         emb = self.tower.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
-        return Prepared(emb, (), self.layout(), req)
+        return Prepared(emb, (), self.layout(pixel_values, emb.shape[1]), req)
 
     def finish(self, hidden: torch.Tensor, prep: Prepared):
         from transformers.models.internvl.modeling_internvl import InternVLVisionModelOutputWithPooling

@@ -116,7 +116,12 @@ class Qwen2VLAdapter(TowerAdapter):
         lengths, mask = packed_segments(cu, x.device)
         if sum(lengths) != x.shape[0]:
             raise ValueError(f"grid_thw / cu_seqlens describe {sum(lengths)} patches but hidden_states has {x.shape[0]}")
-        return Prepared(x, (cos, sin, mask), SegmentLayout.packed(lengths, 0), req, {"grid_thw": grid_thw})
+        m = int(t.spatial_merge_size)
+        grids = [(int(h), int(w)) for tt, h, w in grid_thw.tolist() for _ in range(int(tt))]
+        if [h * w for h, w in grids] != list(lengths):
+            grids = None  # segments are not one frame each: grid-aware variants unavailable
+        layout = SegmentLayout.packed(lengths, 0, grids, m if grids is not None else 1)
+        return Prepared(x, (cos, sin, mask), layout, req, {"grid_thw": grid_thw})
 
     def finish(self, hidden: torch.Tensor, prep: Prepared):
         from transformers.modeling_outputs import BaseModelOutputWithPooling

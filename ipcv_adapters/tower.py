@@ -32,7 +32,6 @@ from ipcv_core.config import IPCVConfig
 from ipcv_core.segments import SegmentLayout
 
 from .base import Prepared, TowerAdapter
-from .graph_fixes import pin_inferred_sizes
 
 __all__ = ["IPCVTower", "DEFAULT_CACHE_SIZE"]
 
@@ -78,7 +77,6 @@ class IPCVTower(nn.Module):
         stack = self.adapter.block_stack()
         args, dyn = self.adapter.example_inputs()
         gm = capture(stack, args, dynamic_shapes=dyn, hidden_index=0, token_dim=self.adapter.spec.token_dim)
-        pin_inferred_sizes(gm)  # compiler workaround, see graph_fixes.py
         return gm
 
     def with_config(self, config: Optional[IPCVConfig] = None, **changes) -> "IPCVTower":
@@ -91,6 +89,8 @@ class IPCVTower(nn.Module):
         """The rewritten block stack for ``layout`` (from the compile cache, or rewritten now)."""
         from ipcv_compile import rewrite_graph
 
+        if not self.ipcv_config.needs_grid:  # the grid matters only to grid-aware variants
+            layout = layout.without_grid()
         with self._lock:
             g = self._graphs.get(layout)
             if g is not None:

@@ -93,6 +93,17 @@ class IPCVModule(nn.Module):
     def forward(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)
 
+    def refresh_meta(self) -> "IPCVModule":
+        """Bring every node's ``meta["val"]`` up to date with the rewritten shapes (fake-tensor
+        propagation; deferred at rewrite time because it takes seconds on deep towers)."""
+        stale = self.graph_module.meta.get("ipcv_meta_stale")
+        if stale is not None:
+            from .graph_utils import refresh_meta
+
+            refresh_meta(self.graph_module, stale or None)
+            self.graph_module.meta.pop("ipcv_meta_stale", None)
+        return self
+
     @property
     def nodes_after(self) -> int:
         return len(self.graph_module.graph.nodes)
@@ -103,6 +114,7 @@ class IPCVModule(nn.Module):
     def rows_per_block(self) -> Dict[int, Dict[str, str]]:
         """For each block, the (symbolic) row counts seen by the FFN and by the attention queries /
         keys, read from the rewritten graph's ``meta["val"]``."""
+        self.refresh_meta()
         out: Dict[int, Dict[str, str]] = {}
         for n in self.graph_module.graph.nodes:
             info = n.meta.get("ipcv") or {}
@@ -180,13 +192,14 @@ def rewrite(
 
 
 def rewrite_graph(gm: fx.GraphModule, config: IPCVConfig, spec: LocateSpec, layout: SegmentLayout,
-                  t0: Optional[float] = None) -> IPCVModule:
-    """Rewrite an already captured GraphModule (from :func:`capture`); ``gm`` is not modified."""
+                  t0: Optional[float] = None, refresh_meta: bool = False) -> IPCVModule:
+    """Rewrite an already captured GraphModule (from :func:`capture`); ``gm`` is not modified.
+    ``refresh_meta=True`` updates every node's ``meta["val"]`` right away (else on demand)."""
     t0 = time.perf_counter() if t0 is None else t0
     gm = _fresh(gm)
     nodes_before = len(gm.graph.nodes)
     gmap = locate(gm, spec)
-    result = IPCVRewritePass(config, layout)(gm, gmap)
+    result = IPCVRewritePass(config, layout, refresh=refresh_meta)(gm, gmap)
     return IPCVModule(result.graph_module, config, layout, gmap, result.graph_module.meta["ipcv_report"],
                       nodes_before, time.perf_counter() - t0)
 

@@ -42,6 +42,7 @@ def ipcv_prune(
     segment_lengths: Optional[Tuple[int, ...]],
     protected: int,
     grids: Optional[Tuple[Tuple[int, int], ...]],
+    merge: int,
     config: dict,
     stage_retain: float,
     prev_retain: float,
@@ -55,7 +56,7 @@ def ipcv_prune(
     nbr_w (B,R,k), log_size (B,K), pos (B,K))`` — indices relative to the current rows, ``pos``
     the original positions of the kept rows; ``log_size`` zeros unless a merge variant is on.
     """
-    layout = SegmentLayout(segment_lengths, protected, grids)
+    layout = SegmentLayout(segment_lengths, protected, grids, merge)
     cfg = IPCVConfig.from_dict(config)
     stage_cfg = cfg.replace(retain=stage_retain, stages=()) if cfg.stages else cfg
     xb, pb = _bnd(x_lp, token_dim), _bnd(x_prev, token_dim)

@@ -36,7 +36,7 @@ def _coords(layout: SegmentLayout, plan: SegmentPlan, B: int, device) -> torch.T
     grids = layout.grids if layout.grids is not None else None
     if grids is None:
         layout.segment_grid(0)  # raises the "needs the patch grid" error
-    c = grid_coords(grids, lengths, layout.protected, device)
+    c = grid_coords(grids, lengths, layout.protected, device, layout.merge)
     return c.unsqueeze(0).expand(B, -1, -1)
 
 

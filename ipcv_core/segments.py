@@ -13,7 +13,9 @@ scored (a CLS token, register tokens).  They stay in place and are not used as N
 
 ``grids`` (optional) gives each segment's patch grid ``(h, w)`` (row-major, after the protected
 tokens): one entry per segment for packed layouts, a single entry for the batched layout (every
-row then has that grid, so the token count is fixed).  Spatial variants need it.
+row then has that grid, so the token count is fixed).  Spatial variants need it.  ``merge``: the
+patches come in ``merge x merge`` windows (windows row-major, patches row-major inside a window),
+as Qwen2-VL orders them for its PatchMerger; 1 = plain row-major.
 
 :func:`plan_segments` turns a layout, a token count and a retain ratio into a static
 :class:`SegmentPlan`: for each segment where it starts, how many tokens it keeps and removes, and
@@ -38,6 +40,7 @@ class SegmentLayout:
     lengths: Optional[Tuple[int, ...]] = None
     protected: int = 0
     grids: Optional[Tuple[Tuple[int, int], ...]] = None
+    merge: int = 1
 
     def __post_init__(self) -> None:
         if self.grids is not None:
@@ -61,6 +64,10 @@ class SegmentLayout:
                 raise ValueError(
                     f"SegmentLayout.protected ({self.protected}) must be < every segment length {lengths}"
                 )
+        if not isinstance(self.merge, int) or self.merge < 1 or (
+            self.grids is not None and any(h % self.merge or w % self.merge for h, w in self.grids)
+        ):
+            raise ValueError(f"SegmentLayout.merge must be an int >= 1 dividing every grid side, got {self.merge!r}")
         if not isinstance(self.protected, int) or isinstance(self.protected, bool) or self.protected < 0:
             raise ValueError(f"SegmentLayout.protected must be an int >= 0, got {self.protected!r}")
 
@@ -69,8 +76,11 @@ class SegmentLayout:
         return cls(None, protected, None if grid is None else (tuple(grid),))
 
     @classmethod
-    def packed(cls, lengths: Sequence[int], protected: int = 0, grids=None) -> "SegmentLayout":
-        return cls(tuple(int(n) for n in lengths), protected, None if grids is None else tuple(map(tuple, grids)))
+    def packed(cls, lengths: Sequence[int], protected: int = 0, grids=None, merge: int = 1) -> "SegmentLayout":
+        return cls(tuple(int(n) for n in lengths), protected, None if grids is None else tuple(map(tuple, grids)), merge)
+
+    def without_grid(self) -> "SegmentLayout":
+        return SegmentLayout(self.lengths, self.protected)
 
     @property
     def static_tokens(self) -> Optional[int]:

@@ -117,7 +117,7 @@ def select_per_segment(
         for i, s in enumerate(segs):
             base = s.start + P
             sc = scores[:, base : s.start + s.length]
-            top = stratified_top(sc, layout.segment_grid(i), s.keep)
+            top = stratified_top(sc, layout.segment_grid(i), s.keep, layout.merge)
             n = s.length - P
             mask = torch.zeros(B, n, dtype=torch.bool, device=device).scatter(1, top, True)
             if P:

@@ -10,7 +10,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["hash_scores", "hash_of", "zorder_groups", "stratified_top", "grid_coords", "absorb_sizes", "merge_average"]
+__all__ = ["token_rc", "hash_scores", "hash_of", "zorder_groups", "stratified_top", "grid_coords", "absorb_sizes", "merge_average"]
 
 _M = 2**31
 
@@ -38,8 +38,24 @@ def _morton(r: int, c: int) -> int:
 
 
 @lru_cache(maxsize=256)
-def _groups_list(h: int, w: int, k: int) -> Tuple[Tuple[int, ...], ...]:
-    order = sorted(range(h * w), key=lambda t: _morton(t // w, t % w))
+def token_rc(h: int, w: int, merge: int = 1) -> Tuple[Tuple[int, int], ...]:
+    """(row, col) of every token of an ``h x w`` patch grid in the model's token order: row-major
+    (``merge=1``), or ``merge x merge`` windows row-major with patches row-major inside (Qwen2-VL)."""
+    if merge == 1:
+        return tuple((t // w, t % w) for t in range(h * w))
+    out = []
+    for br in range(h // merge):
+        for bc in range(w // merge):
+            for i in range(merge):
+                for j in range(merge):
+                    out.append((br * merge + i, bc * merge + j))
+    return tuple(out)
+
+
+@lru_cache(maxsize=256)
+def _groups_list(h: int, w: int, k: int, merge: int = 1) -> Tuple[Tuple[int, ...], ...]:
+    rc = token_rc(h, w, merge)
+    order = sorted(range(h * w), key=lambda t: _morton(*rc[t]))
     n = h * w
     groups = []
     for g in range(k):
@@ -48,36 +64,36 @@ def _groups_list(h: int, w: int, k: int) -> Tuple[Tuple[int, ...], ...]:
     return tuple(groups)
 
 
-def zorder_groups(h: int, w: int, k: int, device=None) -> torch.Tensor:
-    """``(k, G)`` member indices (row-major within the ``h x w`` grid) of ``k`` spatially compact
-    groups: the grid in Z-order (Morton) cut into ``k`` runs of ``floor``/``ceil(h*w/k)`` cells.
-    Short groups are padded with ``h*w`` (a sentinel column)."""
+def zorder_groups(h: int, w: int, k: int, device=None, merge: int = 1) -> torch.Tensor:
+    """``(k, G)`` member token indices (in the model's token order, see :func:`token_rc`) of ``k``
+    spatially compact groups: the grid in Z-order (Morton) cut into ``k`` runs of
+    ``floor``/``ceil(h*w/k)`` cells.  Short groups are padded with ``h*w`` (a sentinel column)."""
     if not (1 <= k <= h * w):
         raise ValueError(f"stratified selection needs 1 <= K <= h*w, got K={k} for a {h}x{w} grid")
-    groups = _groups_list(h, w, k)
+    groups = _groups_list(h, w, k, merge)
     G = max(len(g) for g in groups)
     rows = [list(g) + [h * w] * (G - len(g)) for g in groups]
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-def stratified_top(scores: torch.Tensor, grid: Tuple[int, int], k: int) -> torch.Tensor:
+def stratified_top(scores: torch.Tensor, grid: Tuple[int, int], k: int, merge: int = 1) -> torch.Tensor:
     """One token per Z-order group, the best-scoring one: ``(B, n) -> (B, k)`` positions (group
     order, not sorted).  ``n == h*w``."""
     h, w = grid
     B = scores.shape[0]
-    members = zorder_groups(h, w, k, scores.device)  # (k, G)
+    members = zorder_groups(h, w, k, scores.device, merge)  # (k, G)
     ext = torch.cat([scores, torch.full((B, 1), float("-inf"), dtype=scores.dtype, device=scores.device)], dim=1)
     g = ext[:, members.reshape(-1)].reshape(B, *members.shape)  # (B, k, G)
     best = torch.argmax(g, dim=-1, keepdim=True)  # (B, k, 1)
     return torch.gather(members.unsqueeze(0).expand(B, -1, -1), 2, best).squeeze(-1)
 
 
-def grid_coords(grids, lengths, protected: int, device=None) -> torch.Tensor:
+def grid_coords(grids, lengths, protected: int, device=None, merge: int = 1) -> torch.Tensor:
     """``(N, 2)`` float (row, col) of every token of a row; protected tokens get (-1, -1)."""
     rows = []
     for (h, w), n in zip(grids, lengths):
         rows += [(-1.0, -1.0)] * protected
-        rows += [(float(t // w), float(t % w)) for t in range(h * w)]
+        rows += [(float(r), float(c)) for r, c in token_rc(h, w, merge)]
     return torch.tensor(rows, dtype=torch.float32, device=device)
 
 

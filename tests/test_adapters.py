@@ -273,3 +273,26 @@ def test_deepcopy_of_rewritten_tower(towers, rewritten):
     _, kw = tower_inputs("clip", batch=2, seed=10)
     with torch.no_grad():
         assert torch.equal(cp(**kw).last_hidden_state, rt(**kw).last_hidden_state)
+
+
+GRID_VARIANT = dict(selection="stratified", reconstruction="spatial", weighting="similarity", k=3)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "internvl", "dinov2"])
+def test_grid_aware_variant_equals_eager_driver(name, towers, rewritten):
+    """Stratified selection + spatial neighbours need each adapter's patch grid (and Qwen2-VL's
+    2x2 window token order); the rewritten graph must equal the eager driver."""
+    t = towers[name]
+    cfg = CFG.replace(**GRID_VARIANT)
+    tw = rewritten[name][1].with_config(cfg)
+    args, kwargs = tower_inputs(name, seed=5)
+    prep = tw.adapter.prepare(*args, **kwargs)
+    assert prep.layout.grids is not None
+    if name == "qwen2_vl":
+        assert prep.layout.merge == t.spatial_merge_size
+    with torch.no_grad():
+        got = tw(*args, **kwargs)
+    ref, res = ipcv_adapters.run_eager(t, cfg, *args, **kwargs)
+    assert _rel(got.last_hidden_state, ref.last_hidden_state) <= 1e-5
+    base = tw.with_config(CFG)  # the paper's selection keeps a different set on the same input
+    assert not torch.equal(ipcv_adapters.run_eager(t, CFG, *args, **kwargs)[1].keep_idx, res.keep_idx)

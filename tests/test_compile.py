@@ -117,7 +117,7 @@ def test_node_shapes_follow_kept_count(captured):
     after the AS range keys are K rows too; reintegration brings N rows back."""
     m, args, layout, gm = captured["plain-batched"]
     cfg = IPCVConfig(retain=0.35, prune_layer=2, as_depth=2, k=3)
-    rm = rewrite_graph(gm, cfg, SPEC, layout)
+    rm = rewrite_graph(gm, cfg, SPEC, layout).refresh_meta()
     N = args[0].shape[1]
     # the meta shapes are symbolic in N; evaluate them at the example N
     gmap_sym = next(n for n in rm.graph_module.graph.nodes if n.op == "placeholder").meta["val"].shape[1]

@@ -22,8 +22,10 @@ whose shape has exactly one element derived from the token count gets ``-1`` the
 follows whatever row count reaches it (kept rows or the full sequence).  Any other op in those
 blocks that takes a token-count-derived size raises :class:`RewriteError`.
 
-Then: dead-code elimination, ``graph.lint()``, ``recompile()``, and fake-tensor propagation so
-every node's ``meta["val"]`` shows its new (symbolic) shape.
+Then: dead-code elimination, ``graph.lint()``, ``recompile()``; with ``refresh=True`` also
+fake-tensor propagation so every node's ``meta["val"]`` shows its new (symbolic) shape (slow on
+deep towers: seconds; by default it is deferred to ``IPCVModule.refresh_meta()``, which the
+summary and the TensorRT check call).
 """
 
 from __future__ import annotations
@@ -89,11 +91,12 @@ def _batch_mode(val: torch.Tensor, dims, hidden_val: torch.Tensor, token_dim: in
 class IPCVRewritePass:
     """``IPCVRewritePass(config, layout)(gm, gmap) -> PassResult`` (torch.fx pass-infra style)."""
 
-    def __init__(self, config: IPCVConfig, layout: SegmentLayout):
+    def __init__(self, config: IPCVConfig, layout: SegmentLayout, refresh: bool = False):
         self.config = config
+        self.refresh = refresh
         # the patch grid matters only to grid-aware variants; without them a batched layout keeps
         # one graph for every token count
-        self.layout = layout if config.needs_grid else SegmentLayout(layout.lengths, layout.protected)
+        self.layout = layout if config.needs_grid else layout.without_grid()
 
     def __call__(self, gm: fx.GraphModule, gmap: GraphMap) -> PassResult:
         cfg = self.config
@@ -164,6 +167,7 @@ class IPCVRewritePass:
                             segment_lengths=self.layout.lengths,
                             protected=self.layout.protected,
                             grids=self.layout.grids,
+                            merge=self.layout.merge,
                             config=cfg.to_dict(),
                             stage_retain=r,
                             prev_retain=prev_retain,
@@ -210,7 +214,12 @@ class IPCVRewritePass:
         # a packed layout (static segment lengths) or a patch grid fixes the token count of the graph
         n_static = self.layout.static_tokens
         static = {gmap.token_symbol: n_static} if n_static is not None else None
-        refresh_meta(gm, static)
+        if self.refresh:
+            refresh_meta(gm, static)
+            gm.meta.pop("ipcv_meta_stale", None)
+        else:
+            # node.meta["val"] still shows the captured shapes; IPCVModule.refresh_meta() updates them
+            gm.meta["ipcv_meta_stale"] = static if static is not None else {}
         gm.meta["ipcv_report"] = report
         return PassResult(gm, True)
 
@@ -289,18 +298,29 @@ class IPCVRewritePass:
             if n.op != "call_function":
                 continue
             if n.target in _RESHAPES:
-                shape = n.args[1]
+                shape = list(n.args[1])
                 hits = [i for i, a in enumerate(shape) if _is_tok_sym(a, sym)]
                 if not hits:
                     continue
-                if len(hits) > 1 or any(isinstance(a, int) and a == -1 for a in shape):
+                val = n.meta.get("val")
+                # an inferred size (-1) already present is pinned to its static value first
+                # (transformers reshapes as view(*x.shape[:-1], -1, head_dim))
+                for i, a in enumerate(shape):
+                    if isinstance(a, int) and a == -1:
+                        if isinstance(val, torch.Tensor) and len(val.shape) == len(shape) and isinstance(val.shape[i], int):
+                            shape[i] = int(val.shape[i])
+                        else:
+                            raise RewriteError(
+                                f"{n.name} ({n.target}) infers a non-static size (-1) besides the token count in "
+                                f"{list(n.args[1])}; cannot make it follow the kept-token count"
+                            )
+                if len(hits) > 1:
                     raise RewriteError(
-                        f"{n.name} ({n.target}) has {len(hits)} sizes derived from the token count in {list(shape)}; "
+                        f"{n.name} ({n.target}) has {len(hits)} sizes derived from the token count in {list(n.args[1])}; "
                         "cannot make it follow the kept-token count"
                     )
-                new_shape = list(shape)
-                new_shape[hits[0]] = -1
-                n.args = (n.args[0], new_shape) + tuple(n.args[2:])
+                shape[hits[0]] = -1
+                n.args = (n.args[0], shape) + tuple(n.args[2:])
                 report.sizes_repointed.append(n.name)
                 continue
             if n.target is torch.ops.aten.sym_size.int:
