@@ -18,6 +18,7 @@ and ``ipcv export --config`` accept.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -95,10 +96,10 @@ def _short(cfg: IPCVConfig) -> str:
 def _space(depth: int) -> Dict[str, List]:
     lps = sorted({max(1, min(depth - 1, x)) for x in (2, 3, 4, 5, 6)})
     return {
-        "recon": [("feature", "mean"), ("feature", "similarity"), ("spatial", "similarity"), ("spatial", "mean")],
-        "selection": ["score", "random", "stratified", "stratified_random"],
-        "k": [2, 4, 6, 10],
-        "depths": [(lp, d) for lp in lps for d in (0, 1, 2, 3, 5, 7) if lp + d <= depth],
+        "recon": [("feature", "mean"), ("feature", "similarity"), ("spatial", "similarity")],
+        "selection": ["score", "random", "stratified"],
+        "k": [3, 6, 10],
+        "depths": [(lp, d) for lp in lps for d in (0, 1, 2, 4, 7) if lp + d <= depth],
         "merge": ["none", "size_bias"],
     }
 
@@ -112,14 +113,19 @@ def tune(
     passes: int = 2,
     tolerance: float = 0.0,
     progress: Optional[Callable[[str], None]] = None,
+    confirm: Optional[Callable[[IPCVConfig], float]] = None,
+    confirm_top: int = 4,
 ) -> TuneResult:
     """Coordinate-descent search.
 
     Args:
-        evaluate: config -> fidelity (higher is better) on the user's images.
+        evaluate: config -> fidelity (higher is better) on the user's images (or a screening
+            subset of them).
         cost: config -> cost relative to the reference (the paper's IPCV at ``retain``) = 1.0.
         has_grid: whether the patch grid is known (spatial / stratified variants need it).
         tolerance: allowed relative excess over the reference cost.
+        confirm: optional config -> fidelity on all images; the ``confirm_top`` best screened
+            candidates (and the reference) are re-scored with it and the best of those is chosen.
     """
     t0 = time.perf_counter()
     reference = IPCVConfig(retain=retain, **PAPER)
@@ -128,11 +134,10 @@ def tune(
     if not has_grid:
         space["recon"] = [r for r in space["recon"] if r[0] != "spatial"]
         space["selection"] = [s for s in space["selection"] if not s.startswith("stratified")]
-    seen: Dict[Tuple, Candidate] = {}
+    seen: Dict[str, Candidate] = {}
 
     def run(cfg: IPCVConfig) -> Candidate:
-        key = tuple(sorted(cfg.to_dict().items(), key=lambda kv: kv[0]))
-        key = tuple((k, v) for k, v in key if k != "extras")
+        key = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "extras"}, sort_keys=True)
         if key in seen:
             return seen[key]
         c = Candidate(cfg)
@@ -167,7 +172,16 @@ def tune(
                     best_fid, cur, improved = c.fidelity, cand, True
         if not improved:
             break
-    return TuneResult(cur, reference, list(seen.values()), time.perf_counter() - t0)
+    table = list(seen.values())
+    if confirm is not None:
+        feas = sorted((c for c in table if c.feasible), key=lambda c: -c.fidelity)[:confirm_top]
+        ref_c = seen_ref = next(c for c in table if c.config == reference)
+        for c in {id(x): x for x in feas + [ref_c]}.values():
+            c.fidelity = confirm(c.config)
+            if progress:
+                progress(f"confirm {c.fidelity:.4f}  {_short(c.config)}")
+        cur = max(feas + [seen_ref], key=lambda c: c.fidelity).config
+    return TuneResult(cur, reference, table, time.perf_counter() - t0)
 
 
 def measure_latency(fn: Callable[[], object], ref_fn: Callable[[], object], repeats: int = 5) -> float:
@@ -200,11 +214,14 @@ def tune_tower(
     budget: str = "tokens",
     passes: int = 2,
     progress: Optional[Callable[[str], None]] = None,
+    screen: int = 1,
 ) -> TuneResult:
     """Tune IPCV for ``tower`` on ``batches`` (keyword inputs of the tower, e.g. ``pixel_values``).
 
     ``budget="tokens"``: analytic FLOPs of the block stack <= the paper's IPCV at ``retain``;
     ``budget="latency"``: measured wall time of the rewritten graph <= the paper's (3 % tolerance).
+    ``screen``: the search scores candidates on the first ``screen`` batches only; the best few are
+    then confirmed on all of them.
     """
     from ipcv_adapters.registry import find_adapter, rewrite_with_adapter, run_eager
 
@@ -220,9 +237,14 @@ def tune_tower(
     ffn_params = sum(p.numel() for p in adapter.blocks[0].get_submodule(adapter.spec.ffn).parameters())
     lengths = prep.layout.lengths or (prep.hidden.shape[-2],)
 
-    def evaluate(cfg):
-        vals = [_cosine(run_eager(tower, cfg, **b)[0], r) for b, r in zip(batches, refs)]
+    def fidelity(cfg, n):
+        vals = [_cosine(run_eager(tower, cfg, **b)[0], r) for b, r in zip(batches[:n], refs[:n])]
         return sum(vals) / len(vals)
+
+    def evaluate(cfg):
+        return fidelity(cfg, max(1, screen))
+
+    confirm = (lambda cfg: fidelity(cfg, len(batches))) if screen < len(batches) else None
 
     reference = IPCVConfig(retain=retain, **PAPER)
     if budget == "tokens":
@@ -243,4 +265,53 @@ def tune_tower(
             with torch.no_grad():
                 return measure_latency(lambda: t(**b0), lambda: ref_tower(**b0))
         tol = 0.03
-    return tune(evaluate, cost, retain, depth, has_grid=has_grid, passes=passes, tolerance=tol, progress=progress)
+    return tune(evaluate, cost, retain, depth, has_grid=has_grid, passes=passes, tolerance=tol, progress=progress,
+                confirm=confirm)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``ipcv tune MODEL --images DIR --retain 0.35 [--budget latency|tokens] --out tuned.json``."""
+    import argparse
+    import inspect
+
+    from ipcv_adapters.images import list_images, load_images
+
+    ap = argparse.ArgumentParser(prog="ipcv tune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", metavar="MODEL", help="local path or hub id of a supported checkpoint")
+    ap.add_argument("--images", required=True, metavar="DIR", help="folder of unlabeled images")
+    ap.add_argument("--retain", type=float, default=0.35)
+    ap.add_argument("--budget", choices=("tokens", "latency"), default="tokens")
+    ap.add_argument("--num-images", dest="num_images", type=int, default=32)
+    ap.add_argument("--offset", type=int, default=0, help="skip the first OFFSET images of DIR (sorted by name), "
+                    "e.g. to keep tuning images apart from evaluation images")
+    ap.add_argument("--batch", type=int, default=4, help="images per forward pass")
+    ap.add_argument("--screen-batches", dest="screen", type=int, default=1,
+                    help="batches used to screen candidates (the best few are confirmed on all)")
+    ap.add_argument("--size", type=int, default=448, help="square image size in pixels")
+    ap.add_argument("--out", default="ipcv_tuned.json", metavar="PATH")
+    args = ap.parse_args(argv)
+    if not (0.0 < args.retain <= 1.0):
+        ap.error(f"--retain must be in (0, 1], got {args.retain}")
+    from .cli import load_tower
+
+    tower, _ = load_tower(args.model)
+    if "pixel_values" not in inspect.signature(tower.forward).parameters:
+        ap.error(f"ipcv tune feeds images as pixel_values; {type(tower).__name__} takes other inputs "
+                 "(call ipcv_compile.tune.tune_tower with your own input batches)")
+    files = list_images(args.images)[args.offset : args.offset + args.num_images]
+    if not files:
+        ap.error(f"no images left in {args.images} after --offset {args.offset}")
+    batches = [dict(pixel_values=load_images(files[i : i + args.batch], args.size).to(tower.dtype))
+               for i in range(0, len(files), args.batch)]
+    print(f"ipcv tune: {type(tower).__name__}, {len(files)} images at {args.size}px, retain {args.retain}, "
+          f"budget {args.budget}", flush=True)
+    res = tune_tower(tower, batches, args.retain, args.budget, progress=lambda m: print("  " + m, flush=True),
+                     screen=args.screen)
+    print(res.format_table())
+    print(f"\nbest: {_short(res.best)}\nreference (paper): {_short(res.reference)}\n({res.seconds:.0f} s)")
+    res.best.to_json(args.out)
+    print(f"wrote {args.out}  (use: ipcv_compile.rewrite(tower, config=IPCVConfig.from_json({args.out!r})))")
+    return 0
+if __name__ == "__main__":
+    raise SystemExit(main())

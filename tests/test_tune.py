@@ -26,7 +26,7 @@ def test_search_respects_budget_and_improves():
     def fid(cfg):
         f = 0.5 + 0.05 * cfg.prune_layer + (0.1 if cfg.reconstruction == "spatial" else 0.0)
         f += 0.05 if cfg.weighting == "similarity" else 0.0
-        return f - 0.01 * abs(cfg.k - 4)
+        return f - 0.01 * abs(cfg.k - 6)
 
     def cost(cfg):
         return (cfg.prune_layer + 0.3 * cfg.as_depth) / (3 + 0.3 * 7)
@@ -35,7 +35,7 @@ def test_search_respects_budget_and_improves():
     assert res.reference == IPCVConfig(retain=0.35, **PAPER)
     assert cost(res.best) <= 1.0
     assert fid(res.best) > fid(res.reference)
-    assert res.best.reconstruction == "spatial" and res.best.weighting == "similarity" and res.best.k == 4
+    assert res.best.reconstruction == "spatial" and res.best.weighting == "similarity" and res.best.k == 6
     assert all(c.cost <= 1.0 for c in res.table if c.feasible)
     assert any(not c.feasible for c in res.table), "over-budget candidates must be rejected"
     assert "fidelity" in res.format_table()
