@@ -184,9 +184,12 @@ class TowerForExport(nn.Module):
     layout -> ``adapter.finish`` and returns ``(last_hidden_state, pooler_output)`` (the non-None
     ones, as a tuple).
 
-    Batched towers (DINOv2, InternVL, SigLIP, CLIP): everything is traced; batch and image size stay
-    dynamic when exported at a size other than the checkpoint's native one (the position-embedding
-    interpolation branch specialises the native size).
+    Batched towers (DINOv2, InternVL, SigLIP, CLIP): everything is traced; the batch stays dynamic.
+    The image size stays dynamic too when exported at a size other than the checkpoint's native one
+    (the position-embedding interpolation branch specialises the native size) *and* the adapter's
+    ``prepare`` does not read the size as a Python int (the current ``BatchedViTAdapter.layout``
+    does, for the patch grid: one file per image size until that changes; ``Lowered.dynamic_dims``
+    tells).
 
     Packed towers (Qwen2-VL): ``prepare`` is data-dependent on ``grid_thw`` (``cu_seqlens``,
     rotary positions), and the rewritten graph bakes each segment's keep count, so the module is built
@@ -197,7 +200,7 @@ class TowerForExport(nn.Module):
     """
 
     def __init__(self, tower: nn.Module, example: Sequence[Any] = (), fixed_kwargs: Optional[Dict[str, Any]] = None,
-                 embed: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None):
+                 embed: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None, vanilla: bool = False):
         super().__init__()
         if not hasattr(tower, "adapter") or not hasattr(tower, "graph_for"):
             raise TypeError(f"TowerForExport expects an ipcv_adapters.IPCVTower, got {type(tower).__name__}")
@@ -205,6 +208,9 @@ class TowerForExport(nn.Module):
         self.fixed_kwargs = dict(fixed_kwargs or {})
         self.packed = bool(tower.adapter.packed)
         self._template = None
+        # vanilla=True: the adapter's plain block stack instead of the rewritten graph (same prepare /
+        # finish, same attention implementation): the baseline for benchmarks of every backend
+        self.vanilla_stack = tower.adapter.block_stack() if vanilla else None
         if self.packed:
             if embed is None:
                 raise ValueError(
@@ -217,7 +223,7 @@ class TowerForExport(nn.Module):
             self._template = prep
             for i, s in enumerate(prep.side):
                 self.register_buffer(f"side_{i}", s, persistent=False)
-            self.rewritten = tower.graph_for(prep.layout)
+            self.rewritten = self.vanilla_stack if vanilla else tower.graph_for(prep.layout)
 
     def forward(self, pixel_values: torch.Tensor):
         ad = self.tower.adapter
@@ -229,7 +235,8 @@ class TowerForExport(nn.Module):
             hidden = self.rewritten(*prep.stack_inputs)
         else:
             prep = ad.prepare(pixel_values, **self.fixed_kwargs)
-            hidden = self.tower.graph_for(prep.layout)(*prep.stack_inputs)
+            stack = self.vanilla_stack if self.vanilla_stack is not None else self.tower.graph_for(prep.layout)
+            hidden = stack(*prep.stack_inputs)
         out = ad.finish(hidden, prep)
         if isinstance(out, tuple):
             return tuple(t for t in out if isinstance(t, torch.Tensor))

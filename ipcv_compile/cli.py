@@ -1,0 +1,367 @@
+"""``ipcv`` command line: export / inspect / check IPCV-rewritten vision towers.
+
+    ipcv export MODEL --retain 0.35 --format onnx|trt|pt2 --out PATH [--image-size 448] [--batch 2]
+                                                                    [--grid 1,16,16 ...] [--no-verify]
+    ipcv inspect MODEL --retain 0.35        # adapter, IPCV config, per-block rows of the rewrite
+    ipcv trt-check MODEL --retain 0.35      # will torch-tensorrt convert it? (no GPU needed)
+    ipcv demo [demo args]                   # = python -m ipcv_adapters.demo
+
+MODEL: ``tiny:qwen2-vl``, ``tiny:internvl``, ``tiny:dinov2``, ``tiny:siglip``, ``tiny:clip`` (random
+weights from a small config, 4 blocks, for trying things out), or a local folder / hub id of a
+Qwen2-VL, InternVL (HF-native ``*-hf``), DINOv2, SigLIP or CLIP checkpoint (its vision tower is used).
+
+What is exported: the whole vision tower with IPCV inside (patch embedding -> rewritten blocks ->
+final norm / merger), returning ``(last_hidden_state[, pooler_output])``.  Batched towers (DINOv2,
+InternVL tiles, SigLIP, CLIP) keep a dynamic batch; the image size is fixed at ``--image-size``
+(see ``TowerForExport``; the sidecar's ``dynamic_dims`` says what stayed dynamic).  Qwen2-VL packs images into one sequence whose
+per-image keep counts are baked into the graph: the file is for one ``--grid`` layout (its rotary
+tables and block-diagonal mask are constants in the file); export one file per layout.
+
+A JSON sidecar ``PATH.json`` records the model, IPCV config, inputs, dynamic dims and outputs.
+Exit codes: 0 ok, 2 usage error (unknown model / format / bad option), 3 backend unavailable
+(e.g. torch-tensorrt missing), 4 export / verification failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+FORMATS = {"onnx": "onnx", "pt2": "pt2", "trt": "tensorrt"}
+TINY_MODELS = {"qwen2-vl": "qwen2_vl", "internvl": "internvl", "dinov2": "dinov2", "siglip": "siglip", "clip": "clip"}
+HF_FAMILIES = ("qwen2_vl", "internvl", "dinov2", "siglip", "clip")
+VERIFY_TOL = 1e-4  # relative (max-abs error / max-abs reference), fp32
+
+
+class CLIError(Exception):
+    def __init__(self, msg: str, code: int = 2):
+        super().__init__(msg)
+        self.code = code
+
+
+class Progress:
+    """Step messages with elapsed time on stderr (``[2/5] exporting ... done in 12.3 s``)."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.total, self.i, self.quiet = total, 0, quiet
+        self._t = None
+
+    def start(self, msg: str):
+        self.i += 1
+        self._t = time.perf_counter()
+        if not self.quiet:
+            print(f"[{self.i}/{self.total}] {msg} ...", file=sys.stderr, flush=True)
+
+    def done(self, extra: str = ""):
+        if not self.quiet:
+            dt = time.perf_counter() - self._t
+            print(f"      done in {dt:.1f} s{(' — ' + extra) if extra else ''}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- models
+def _allowed_models() -> str:
+    return ", ".join(f"tiny:{k}" for k in TINY_MODELS) + (
+        ", or a local folder / hub id of a Qwen2-VL, InternVL (HF-native), DINOv2, SigLIP or CLIP checkpoint")
+
+
+def load_tower(model: str):
+    """``(tower nn.Module, kind)`` where kind is 'tiny' or the HF model_type."""
+    import torch
+
+    if model.startswith("tiny:"):
+        name = model[5:].lower().replace("_", "-")
+        if name not in TINY_MODELS:
+            raise CLIError(f"unknown tiny model {model!r}; allowed: {_allowed_models()}")
+        from ipcv_adapters.testing import tiny_tower
+
+        return tiny_tower(TINY_MODELS[name]), "tiny"
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model)
+    except Exception as e:
+        raise CLIError(f"cannot load model {model!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                       f"allowed: {_allowed_models()}")
+    mt = getattr(cfg, "model_type", "")
+    import transformers as tf
+
+    classes = {
+        "dinov2": "Dinov2Model", "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel",
+        "clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel",
+        "qwen2_vl": "Qwen2VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration",
+    }
+    if mt not in classes:
+        raise CLIError(f"model {model!r} has model_type {mt!r}, which ipcv has no adapter for; allowed: {_allowed_models()}")
+    m = getattr(tf, classes[mt]).from_pretrained(model, dtype=torch.float32).eval()
+    return find_tower(m), mt
+
+
+def find_tower(m):
+    """The first submodule (``m`` itself first) that an ipcv adapter recognises."""
+    from ipcv_adapters import adapters
+
+    for _, sub in m.named_modules():
+        if any(a.matches(sub) for a in adapters()):
+            return sub.eval()
+    raise CLIError(f"no supported vision tower inside {type(m).__name__}; allowed: {_allowed_models()}")
+
+
+def ipcv_config(args, kind: str):
+    from ipcv_core import IPCVConfig
+
+    if kind == "tiny":
+        from ipcv_adapters.testing import TINY_IPCV
+
+        base = TINY_IPCV
+    else:
+        base = IPCVConfig()
+    changes = {"retain": args.retain}
+    for opt, fld in (("prune_layer", "prune_layer"), ("as_depth", "as_depth"), ("k", "k")):
+        v = getattr(args, opt, None)
+        if v is not None:
+            changes[fld] = v
+    try:
+        return base.replace(**changes)
+    except Exception as e:
+        raise CLIError(f"invalid IPCV option: {e}")
+
+
+def _parse_grid(s: str) -> List[int]:
+    try:
+        t, h, w = (int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--grid wants T,H,W (patches), got {s!r}")
+    return [t, h, w]
+
+
+def example_inputs(tower, rt, args, kind: str):
+    """``(export module, example pixel input, description dict)`` for the tower."""
+    import torch
+
+    from .lower import TowerForExport
+
+    ad = rt.adapter
+    gen = torch.Generator().manual_seed(0)
+    if ad.packed:
+        if ad.name != "qwen2_vl":
+            raise CLIError(f"exporting packed tower {ad.name!r} is not supported yet")
+        cfg = tower.config
+        grids = args.grid or ([[1, 4, 6], [1, 4, 4]] if kind == "tiny" else [[1, 32, 32]])
+        for t, h, w in grids:
+            if h % cfg.spatial_merge_size or w % cfg.spatial_merge_size:
+                raise CLIError(f"--grid {t},{h},{w}: H and W must be multiples of spatial_merge_size={cfg.spatial_merge_size}")
+        thw = torch.tensor(grids, dtype=torch.long)
+        n = int(sum(t * h * w for t, h, w in grids))
+        dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        x = torch.randn(n, dim, generator=gen)
+        # the pixel-dependent part of the adapter's prepare() (see TowerForExport); until ipcv_adapters
+        # exposes it, named here
+        mod = TowerForExport(rt, (x,), {"grid_thw": thw}, embed=lambda t_, px: t_.patch_embed(px))
+        return mod, x, {"pixel_values": [n, dim], "grid_thw (baked in)": grids}
+    cfg = tower.config
+    size = args.image_size or (70 if kind == "tiny" else _first(getattr(cfg, "image_size", 224)))
+    patch = _first(getattr(cfg, "patch_size", 14))
+    if size % patch:
+        raise CLIError(f"--image-size {size} must be a multiple of the patch size {patch}")
+    x = torch.randn(args.batch, int(getattr(cfg, "num_channels", 3)), size, size, generator=gen)
+    return TowerForExport(rt), x, {"pixel_values": list(x.shape)}
+
+
+def _first(v) -> int:
+    """``14`` or ``(14, 14)`` -> 14 (configs give sizes either way)."""
+    return int(v[0] if isinstance(v, (tuple, list)) else v)
+
+
+def _rel_err(a, b) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+# --------------------------------------------------------------------------------------------- commands
+def cmd_export(args) -> int:
+    import torch
+
+    import ipcv_compile
+    from .lower import LoweringError, BackendUnavailable
+
+    backend = FORMATS[args.format]
+    prog = Progress(4 if backend == "tensorrt" or not args.no_verify else 3, quiet=args.quiet)
+    prog.start(f"loading {args.model}")
+    tower, kind = load_tower(args.model)
+    cfg = ipcv_config(args, kind)
+    prog.done(type(tower).__name__)
+    prog.start(f"capturing and rewriting (retain={cfg.retain}, l_p={cfg.prune_layer}, Δ={cfg.as_depth}, k={cfg.k})")
+    rt = ipcv_compile.rewrite(tower, cfg)
+    module, x, inputs = example_inputs(tower, rt, args, kind)
+    with torch.no_grad():
+        ref = module(x)
+    prog.done(rt.adapter.describe())
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    if backend == "tensorrt":
+        from .tensorrt_check import tensorrt_check
+
+        prog.start("TensorRT graph check (static shapes)")
+        report = tensorrt_check(module, (x,))
+        prog.done("OK" if report.ok else "FAILED")
+        print(report.format())
+        if not report.ok:
+            return 4
+        prog.start("building the TensorRT engine")
+        try:
+            lowered = ipcv_compile.lower(module, "tensorrt", (x,), path=out, save=True)
+        except BackendUnavailable as e:
+            raise CLIError(str(e), code=3)
+        prog.done()
+    else:
+        prog.start(f"exporting to {args.format} ({out})")
+        try:
+            lowered = ipcv_compile.lower(module, backend, (x,), path=out, dynamic=not module.packed)
+        except LoweringError as e:
+            raise CLIError(str(e), code=4)
+        prog.done(f"dynamic dims: {lowered.dynamic_dims or 'none'}")
+    err = None
+    if not args.no_verify:
+        prog.start("reloading the artifact and comparing with the eager rewritten tower")
+        if backend == "pt2":
+            from .backends.pt2 import load_pt2
+
+            runner = load_pt2(out)
+        elif backend == "onnx":
+            from .backends.onnx import OnnxRuntimeModule
+
+            runner = OnnxRuntimeModule(out)
+        else:
+            runner = lowered
+        with torch.no_grad():
+            got = runner(x)
+        got = got if isinstance(got, (tuple, list)) else (got,)
+        err = max(_rel_err(g.cpu(), r) for g, r in zip(got, ref))
+        prog.done(f"max relative error {err:.2e}")
+        if err > VERIFY_TOL:
+            print(f"ipcv export: verification FAILED: relative error {err:.2e} > {VERIFY_TOL}", file=sys.stderr)
+            return 4
+    side = {
+        "ipcv_export": {
+            "model": args.model, "tower": type(tower).__name__, "adapter": rt.adapter.name, "format": args.format,
+            "artifact": out, "ipcv_config": cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg),
+            "example_inputs": inputs, "dynamic_dims": lowered.dynamic_dims,
+            "outputs": ["last_hidden_state"] + (["pooler_output"] if len(ref) > 1 else []),
+            "output_shapes": [list(r.shape) for r in ref], "verify_max_rel_error": err,
+            "torch": torch.__version__, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": platform.platform(),
+            "reload": {"pt2": "torch.export.load(path).module()(pixel_values)",
+                       "onnx": "onnxruntime.InferenceSession(path).run(None, {'pixel_values': x})",
+                       "trt": "import torch_tensorrt; torch.export.load(path).module()(pixel_values.cuda())"}[args.format],
+        }
+    }
+    with open(out + ".json", "w") as f:
+        json.dump(side, f, indent=2, default=str)
+    print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB) and {out}.json")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import torch
+
+    import ipcv_compile
+
+    tower, kind = load_tower(args.model)
+    cfg = ipcv_config(args, kind)
+    rt = ipcv_compile.rewrite(tower, cfg)
+    module, x, _ = example_inputs(tower, rt, args, kind)
+    layout = module._template.layout if module.packed else None
+    if layout is None:
+        with torch.no_grad():
+            layout = rt.adapter.prepare(x).layout
+    print(f"model: {args.model} ({type(tower).__name__})")
+    print(rt.summary(layout))
+    return 0
+
+
+def cmd_trt_check(args) -> int:
+    import ipcv_compile
+
+    from .tensorrt_check import tensorrt_check
+
+    tower, kind = load_tower(args.model)
+    cfg = ipcv_config(args, kind)
+    rt = ipcv_compile.rewrite(tower, cfg)
+    module, x, _ = example_inputs(tower, rt, args, kind)
+    report = tensorrt_check(module, (x,))
+    print(report.format())
+    return 0 if report.ok else 4
+
+
+def cmd_demo(rest: Sequence[str]) -> int:
+    from ipcv_adapters import demo
+
+    return int(demo.main(list(rest)) or 0)
+
+
+# --------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ipcv", description="IPCV token compression for MLLM vision towers: export, "
+                                 "inspect, check.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=f"MODEL: {_allowed_models()}.")
+    sub = ap.add_subparsers(dest="cmd", metavar="{export,inspect,trt-check,demo}")
+
+    def common(p):
+        p.add_argument("model", metavar="MODEL", help=f"{_allowed_models()}")
+        p.add_argument("--retain", type=float, default=0.35, help="fraction of tokens kept per image / frame / tile (default 0.35)")
+        p.add_argument("--prune-layer", dest="prune_layer", type=int, default=None, help="l_p (default: paper's 3; tiny models 1)")
+        p.add_argument("--as-depth", dest="as_depth", type=int, default=None, help="Δ, attention-stabilisation blocks (default 7; tiny 2)")
+        p.add_argument("--k", type=int, default=None, help="NGR neighbours (default 10; tiny 4)")
+        p.add_argument("--image-size", dest="image_size", type=int, default=None,
+                       help="example image size in pixels for batched towers (default: tiny 70, else the config's)")
+        p.add_argument("--batch", type=int, default=2, help="example batch for batched towers (default 2: keeps the batch dynamic)")
+        p.add_argument("--grid", type=_parse_grid, action="append", default=None, metavar="T,H,W",
+                       help="Qwen2-VL: one image / video grid in patches (repeatable); the export is for this layout")
+
+    p = sub.add_parser("export", help="export a rewritten tower to onnx / trt / pt2")
+    common(p)
+    p.add_argument("--format", required=True, choices=sorted(FORMATS), help="onnx (onnxruntime), pt2 (torch.export archive), "
+                   "trt (TensorRT engine via torch-tensorrt; needs CUDA)")
+    p.add_argument("--out", required=True, metavar="PATH", help="artifact path (a PATH.json sidecar is written beside it)")
+    p.add_argument("--no-verify", dest="no_verify", action="store_true", help="skip reloading and comparing the artifact")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="print the rewrite summary (IPCVModule.summary())")
+    common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("trt-check", help="check that torch-tensorrt can convert the rewritten tower (no GPU needed)")
+    common(p)
+    p.set_defaults(func=cmd_trt_check)
+
+    sub.add_parser("demo", help="vanilla vs IPCV on real DINOv2-S (= python -m ipcv_adapters.demo; args passed on)",
+                   add_help=False)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        return cmd_demo(argv[1:])
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.cmd:
+        ap.print_help()
+        return 2
+    if not (0.0 < args.retain <= 1.0):
+        ap.error(f"--retain must be in (0, 1], got {args.retain}")
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as e:
+        print(f"ipcv {args.cmd}: error: {e}", file=sys.stderr)
+        return e.code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
