@@ -232,3 +232,35 @@ def test_onnx_empty_reduction_workaround(tmp_path):
     assert lw.info["empty_reductions_fixed"] == 1
     b = torch.randn(2, 35, 16)
     assert lw(a, b).shape == (2, 0, 35)
+
+
+def test_tensorrt_plumbing_with_a_stand_in_compiler(rewritten, monkeypatch):
+    """The tensorrt backend's own logic (static export per shape, check, prepare, compile options,
+    engine cache) with torch_tensorrt.dynamo.compile replaced by ``ExportedProgram.module()`` — runs
+    without a GPU; the real engine build is test_tensorrt_engines_per_shape_match_eager."""
+    import sys
+    import types
+
+    from ipcv_compile.backends import tensorrt as trt_backend
+
+    calls = []
+
+    def fake_compile(ep, inputs=None, *, arg_inputs=None, min_block_size=3, require_full_compilation=False,
+                     enable_autocast=False, autocast_low_precision_type=None, **kw):
+        calls.append(dict(arg_inputs=arg_inputs, min_block_size=min_block_size, full=require_full_compilation, kw=kw))
+        assert not any(n.target is torch.ops.aten.baddbmm.default for n in ep.graph.nodes)  # prepared
+        return ep.module()
+
+    fake = types.ModuleType("torch_tensorrt")
+    fake.dynamo = types.SimpleNamespace(compile=fake_compile)
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", fake)
+    rm = rewritten[0.5]
+    lw = lower(rm, "tensorrt", _inputs(*SIZES[0], seed=0), device="cpu")
+    assert isinstance(lw.module, trt_backend.TensorRTEngines) and len(lw.module.engines) == 1
+    assert calls[0]["min_block_size"] == 1 and calls[0]["full"] and len(calls[0]["arg_inputs"]) == 1
+    assert all(r.ok for r in lw.module.reports.values())
+    _check_two_sizes(rm, lw)  # a new shape builds a second engine on demand
+    assert len(lw.module.engines) == 2 and len(calls) == 2
+    lw.module.build_on_demand = False
+    with pytest.raises(Exception, match="no TensorRT engine for input shapes"):
+        lw(*_inputs((3, 3), 1, seed=3))

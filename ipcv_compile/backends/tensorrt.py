@@ -8,8 +8,10 @@ never sorts the full token list, so no TopK ever spans more than a segment's ``K
 2. :func:`~ipcv_compile.tensorrt_check.prepare_for_tensorrt` (decompose ``baddbmm``, which has no
    converter) and :func:`~ipcv_compile.tensorrt_check.tensorrt_check` (refuses data-dependent
    shapes, ``torch.cond``, large / dynamic TopK, reducing scatters, ops without converters);
-3. ``torch_tensorrt.dynamo.compile(exported_program, arg_inputs=..., enabled_precisions=...,
-   min_block_size=1, require_full_compilation=True)``.
+3. ``torch_tensorrt.dynamo.compile(exported_program, arg_inputs=..., min_block_size=1,
+   require_full_compilation=True)`` — torch-tensorrt 2.13 builds strongly typed engines (the
+   model's dtype; cast the model to bf16 / fp16 before rewriting, or pass ``precision=`` to use its
+   autocast); older releases get ``enabled_precisions={precision}``.
 
 Engines are built on first use of a shape (or up front with ``shapes=``) and cached.  Needs
 torch-tensorrt (a CUDA build of torch) and a CUDA device; without them :class:`BackendUnavailable`
@@ -26,11 +28,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..lower import BackendUnavailable, Lowered, LoweringError, default_artifact_path, export_program
+from ..lower import BackendUnavailable, Lowered, LoweringError, default_artifact_path, export_program, graph_of
 from ..tensorrt_check import prepare_for_tensorrt, tensorrt_check
 
 
-def _import_torch_tensorrt():
+def _import_torch_tensorrt(require_cuda: bool = True):
     try:
         import torch_tensorrt  # noqa: F401
     except ImportError as e:
@@ -39,7 +41,7 @@ def _import_torch_tensorrt():
             "torch: pip install torch-tensorrt matching your torch version, e.g. pip install 'ipcv[tensorrt]' on a "
             "CUDA machine). Other backends: eager, inductor, onnx, pt2."
         ) from e
-    if not torch.cuda.is_available():
+    if require_cuda and not torch.cuda.is_available():
         raise BackendUnavailable("the tensorrt backend needs a CUDA device (torch.cuda.is_available() is False)")
     return torch_tensorrt
 
@@ -54,9 +56,10 @@ class TensorRTEngines:
     ``build_on_demand=False`` makes an unseen shape an error instead of a (slow) engine build.
     """
 
-    def __init__(self, module, *, precision: torch.dtype = torch.float32, check: bool = True,
-                 build_on_demand: bool = True, compile_options: Optional[Dict[str, Any]] = None):
+    def __init__(self, module, *, precision: Optional[torch.dtype] = None, check: bool = True,
+                 build_on_demand: bool = True, compile_options: Optional[Dict[str, Any]] = None, device: str = "cuda"):
         self.module = module
+        self.device = torch.device(device)
         self.precision = precision
         self.check = check
         self.build_on_demand = build_on_demand
@@ -67,17 +70,22 @@ class TensorRTEngines:
         self._lock = threading.Lock()
 
     def _to_cuda(self, args):
-        return tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        return tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args)
 
     def build(self, args: Sequence[Any]):
         """Build (or return) the engine for the shapes of ``args``."""
-        torch_tensorrt = _import_torch_tensorrt()
+        torch_tensorrt = _import_torch_tensorrt(self.device.type == "cuda")
         key = _shape_key(args)
         with self._lock:
             if key in self.engines:
                 return self.engines[key]
             t0 = time.perf_counter()
             args = self._to_cuda(args)
+            p = next(iter(graph_of(self.module).parameters()), None)
+            if p is not None and p.device.type != self.device.type:
+                raise LoweringError("the tensorrt backend needs the model on CUDA: move the model to the GPU (and "
+                                    "dtype) first, then rewrite it there — rewritten graphs keep the device they were "
+                                    "captured on")
             ep = export_program(self.module, args, dynamic=False)
             ep = prepare_for_tensorrt(ep)
             if self.check:
@@ -87,14 +95,24 @@ class TensorRTEngines:
                     raise LoweringError("the graph cannot be converted to TensorRT as it is:\n" + report.format())
             compile_fn = torch_tensorrt.dynamo.compile
             params = inspect.signature(compile_fn).parameters
-            opts = dict(enabled_precisions={self.precision}, min_block_size=1, require_full_compilation=True)
-            opts.update(self.compile_options)
+            opts: Dict[str, Any] = dict(min_block_size=1, require_full_compilation=True)
+            model_dtype = p.dtype if p is not None else torch.float32
+            if self.precision is not None and "enabled_precisions" in params:  # torch-tensorrt < 2.10
+                opts["enabled_precisions"] = {self.precision}
+            elif self.precision is not None and self.precision != model_dtype:
+                # 2.13 builds strongly typed engines (precision = the graph's dtypes); lower precision
+                # for an fp32 graph goes through its autocast
+                if "enable_autocast" not in params:
+                    raise LoweringError(f"this torch-tensorrt cannot lower {model_dtype} to {self.precision}: cast the "
+                                        "model first")
+                opts.update(enable_autocast=True, autocast_low_precision_type=self.precision)
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             if "arg_inputs" in params:
                 opts["arg_inputs"] = tensors
             else:  # older torch-tensorrt
                 opts["inputs"] = tensors
-            opts = {k: v for k, v in opts.items() if k in params or "kwargs" in params}
+            opts = {k: v for k, v in opts.items() if k in params}
+            opts.update(self.compile_options)
             try:
                 trt_module = compile_fn(ep, **opts)
             except Exception as e:
@@ -116,7 +134,7 @@ class TensorRTEngines:
         """Save the engine for ``args``' shapes with ``torch_tensorrt.save`` (an ExportedProgram
         archive holding the serialized engine; reload with ``torch.export.load(path).module()`` after
         ``import torch_tensorrt``)."""
-        torch_tensorrt = _import_torch_tensorrt()
+        torch_tensorrt = _import_torch_tensorrt(self.device.type == "cuda")
         eng = self.build(args)
         tensors = [a for a in self._to_cuda(args) if isinstance(a, torch.Tensor)]
         params = inspect.signature(torch_tensorrt.save).parameters
@@ -126,8 +144,8 @@ class TensorRTEngines:
 
 
 def lower_tensorrt(module, example_inputs, *, example_kwargs=None, path=None, dynamic=True, dynamic_shapes=None,
-                   precision: torch.dtype = torch.float32, check: bool = True, shapes: Sequence[Sequence[Any]] = (),
-                   save: bool = False, build_on_demand: bool = True, **compile_options):
+                   precision: Optional[torch.dtype] = None, check: bool = True, shapes: Sequence[Sequence[Any]] = (),
+                   save: bool = False, build_on_demand: bool = True, device: str = "cuda", **compile_options):
     """Build TensorRT engines for ``example_inputs`` (and each input tuple in ``shapes``).
 
     ``dynamic`` / ``dynamic_shapes`` are ignored: every engine has static shapes.  ``save=True``
@@ -136,9 +154,9 @@ def lower_tensorrt(module, example_inputs, *, example_kwargs=None, path=None, dy
     """
     if example_kwargs:
         raise LoweringError("tensorrt backend: pass inputs positionally (example_kwargs are not supported)")
-    _import_torch_tensorrt()
+    _import_torch_tensorrt(torch.device(device).type == "cuda")
     engines = TensorRTEngines(module, precision=precision, check=check, build_on_demand=build_on_demand,
-                              compile_options=compile_options)
+                              compile_options=compile_options, device=device)
     for args in (tuple(example_inputs), *[tuple(s) for s in shapes]):
         engines.build(args)
     artifact = None
