@@ -294,5 +294,5 @@ def test_grid_aware_variant_equals_eager_driver(name, towers, rewritten):
         got = tw(*args, **kwargs)
     ref, res = ipcv_adapters.run_eager(t, cfg, *args, **kwargs)
     assert _rel(got.last_hidden_state, ref.last_hidden_state) <= 1e-5
-    base = tw.with_config(CFG)  # the paper's selection keeps a different set on the same input
+    # the paper's selection keeps a different set on the same input
     assert not torch.equal(ipcv_adapters.run_eager(t, CFG, *args, **kwargs)[1].keep_idx, res.keep_idx)
