@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, List, Sequence, Tuple
 
-__all__ = ["ModelDims", "CountingBlock", "count_flops", "branch_flops", "peak_rss_delta", "interleaved_latency"]
+__all__ = ["ModelDims", "CountingBlock", "Timing", "count_flops", "branch_flops", "peak_rss_delta", "interleaved_latency"]
 
 
 @dataclass(frozen=True)
@@ -113,14 +113,34 @@ def peak_rss_delta(fn: Callable[[], object]) -> Tuple[object, float]:
     return out, (_status_kb("VmHWM") - base) / 1024.0
 
 
-def interleaved_latency(fn_ref: Callable[[], object], fn: Callable[[], object], repeats: int) -> Tuple[float, float]:
-    """Median seconds of ``fn_ref`` and ``fn``, timed alternately ``repeats`` times each."""
-    t_ref, t = [], []
+@dataclass(frozen=True)
+class Timing:
+    """Interleaved timing of a reference and a candidate.  ``ratio`` / ``cpu_ratio``: median over the
+    repeats of the per-pair ratios (each candidate run divided by the reference run just before it)
+    of wall-clock and of process CPU time; per-pair ratios follow load changes on a shared machine
+    better than a ratio of medians, and CPU time barely depends on other processes' load."""
+
+    ref_s: float  # median wall seconds of the reference
+    s: float  # median wall seconds of the candidate
+    ratio: float
+    cpu_ratio: float
+
+
+def interleaved_latency(fn_ref: Callable[[], object], fn: Callable[[], object], repeats: int) -> Timing:
+    """Time ``fn_ref`` and ``fn`` alternately, ``repeats`` times each."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        s = time.perf_counter()
-        fn_ref()
-        t_ref.append(time.perf_counter() - s)
-        s = time.perf_counter()
-        fn()
-        t.append(time.perf_counter() - s)
-    return statistics.median(t_ref), statistics.median(t)
+        pair = []
+        for f in (fn_ref, fn):
+            w, c = time.perf_counter(), time.process_time()
+            f()
+            pair.append((time.perf_counter() - w, time.process_time() - c))
+        wall.append((pair[0][0], pair[1][0]))
+        cpu.append((pair[0][1], pair[1][1]))
+    med = statistics.median
+    return Timing(
+        med(a for a, _ in wall),
+        med(b for _, b in wall),
+        med(b / a for a, b in wall),
+        med(b / a if a > 0 else math.nan for a, b in cpu),
+    )

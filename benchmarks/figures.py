@@ -31,13 +31,13 @@ def _plt():
     return plt
 
 
-def pareto(rows: List[dict], vanilla: dict, path: str, title: str) -> None:
+def pareto(rows: List[dict], vanilla: dict, path: str, title: str, fid_size: int = 448, probe_size: int = 224) -> None:
     """Two panels: probe accuracy vs latency ratio, all-patch cosine vs latency ratio; one line per
     method (grid rows without extra parameters), points labelled by retain ratio."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
-    for ax, key, ylabel in ((axes[0], "probe_acc", "CIFAR-10 linear-probe accuracy (224 px)"),
-                            (axes[1], "cos_all", "cosine to vanilla, all patches (448 px)")):
+    for ax, key, ylabel in ((axes[0], "probe_acc", f"CIFAR-10 linear-probe accuracy ({probe_size} px)"),
+                            (axes[1], "cos_all", f"cosine to vanilla, all patches ({fid_size} px)")):
         for method, (label, color, marker) in STYLE.items():
             pts = sorted((r for r in rows if r["method"] == method and not r["variant"]), key=lambda r: r["retain"])
             pts = [r for r in pts if not math.isnan(r[key]) and not math.isnan(r["latency_ratio"])]
@@ -50,7 +50,7 @@ def pareto(rows: List[dict], vanilla: dict, path: str, title: str) -> None:
                     ax.annotate(f"{r['retain']:.2f}", (r["latency_ratio"], r[key]), fontsize=7,
                                 xytext=(3, 3), textcoords="offset points", color=color)
         ax.scatter([1.0], [vanilla[key]], color="black", marker="*", s=120, zorder=5, label="vanilla")
-        ax.set_xlabel("latency vs vanilla (same run, CPU, 448 px)")
+        ax.set_xlabel(f"latency vs vanilla (same run, CPU, {fid_size} px)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
@@ -81,6 +81,6 @@ def pruning_map(image: np.ndarray, grid: int, panels: Dict[str, np.ndarray], pat
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=100)
     plt.close(fig)
