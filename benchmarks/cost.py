@@ -15,7 +15,8 @@ the "FLOP bound" its measured latency ratio is compared with.
 
 Peak memory: the process's resident-set high-water mark (``VmHWM``) is reset through
 ``/proc/self/clear_refs`` (Linux), free heap is returned to the OS (``malloc_trim``), and the peak
-above the resident size at the start of the call is reported.  It counts everything the call
+above the resident size at the start of the call is reported; :func:`stable_malloc` (called at
+start-up) fixes glibc's mmap threshold so that large tensors are returned to the OS when freed.  It counts everything the call
 allocates (activations, temporaries) but not memory malloc reuses without returning it; NaN where
 the kernel interface is not available.
 """
@@ -30,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, List, Sequence, Tuple
 
-__all__ = ["ModelDims", "CountingBlock", "Timing", "count_flops", "branch_flops", "peak_rss_delta", "interleaved_latency"]
+__all__ = ["ModelDims", "CountingBlock", "Timing", "stable_malloc", "count_flops", "branch_flops", "peak_rss_delta", "interleaved_latency"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,17 @@ def _trim():
         _LIBC.malloc_trim(0)
     except OSError:
         pass
+
+
+def stable_malloc(threshold: int = 64 * 1024) -> bool:
+    """Fix glibc's mmap threshold (it otherwise grows after large frees, after which big tensors come
+    from the heap and freed memory stays resident, so peaks drift upward over a long run): every
+    allocation above ``threshold`` bytes is then mmapped and returned on free.  False if unsupported."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def _status_kb(field: str) -> int:

@@ -47,7 +47,7 @@ from ipcv_core import num_keep
 from ipcv_core.methods import METHODS
 
 from . import figures
-from .cost import CountingBlock, ModelDims, count_flops, interleaved_latency, peak_rss_delta
+from .cost import CountingBlock, ModelDims, count_flops, interleaved_latency, peak_rss_delta, stable_malloc
 from .probe import fit_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +112,9 @@ def parse_args(argv):
     ap.add_argument("--cache", default=os.path.join(HERE, ".cache"), help="vanilla feature cache ('' = off)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--latency-only", action="store_true",
-                    help="re-time every row of <out>/bench.json (interleaved with vanilla) and rewrite the outputs")
+                    help="re-time every row of <out>/bench.json (interleaved with vanilla), re-measure its peak memory "
+                         "on --mem-batch images, and rewrite the outputs")
+    ap.add_argument("--mem-batch", type=int, default=4, help="images per peak-memory measurement (--latency-only)")
     ap.add_argument("--resume", action="store_true",
                     help="reuse rows of <out>/bench.partial.json (written after every configuration) and run the rest")
     args = ap.parse_args(argv)
@@ -363,8 +365,9 @@ def write_markdown(path: str, meta: dict, table: str) -> None:
         f"images, evaluated on {s['test']} test images at {s['probe_size']} px (vanilla probe accuracy "
         f"{meta['vanilla']['probe_acc']:.3f}, weight decay {meta['probe_weight_decay']} by 5-fold CV, CV accuracy "
         f"{meta['probe_cv_acc']:.3f}). {latency}FLOP ratio = analytic FLOPs / vanilla's ({meta['vanilla']['gflops']:.1f} GFLOPs / image at "
-        f"{s['fid_size']} px). Peak MiB: resident-memory peak added by one batch of {s['fid_batch']} images at "
-        f"{s['fid_size']} px (vanilla {meta['vanilla']['peak_mem_mib']:.0f}). Raw numbers: "
+        f"{s['fid_size']} px). Peak MiB: resident-memory peak added by one batch of "
+        f"{lat.get('mem_batch', s['fid_batch'])} images at {s['fid_size']} px (vanilla "
+        f"{meta['vanilla']['peak_mem_mib']:.0f}). Raw numbers: "
         "[bench.csv](benchmarks/results/bench.csv), [bench.json](benchmarks/results/bench.json).",
         "",
         table,
@@ -433,9 +436,11 @@ def remeasure_latency(args, argv) -> int:
     meta, (vanilla, *rows) = saved["meta"], saved["rows"]
     load_start = list(os.getloadavg())
     enc = Encoder(args.model)
-    lat_x = load_images(list_images(args.images, args.latency_batch), meta["settings"]["fid_size"])
+    imgs = load_images(list_images(args.images, max(args.latency_batch, args.mem_batch)), meta["settings"]["fid_size"])
+    lat_x, mem_x = imgs[: args.latency_batch], imgs[: args.mem_batch]
     vanilla_fn = METHODS["vanilla"]
     enc(lat_x, vanilla_fn, 1.0)  # warm-up
+    vanilla["peak_mem_mib"] = peak_rss_delta(lambda: enc(mem_x, vanilla_fn, 1.0))[1]
     ref_times = []
     for row in _progress(rows, args.no_progress, desc="latency", unit="cfg"):
         cfg = Config(row["method"], row["retain"], json.loads(row["params"]), row["variant"])
@@ -444,11 +449,13 @@ def remeasure_latency(args, argv) -> int:
         ref_times.append(tm.ref_s)
         row.setdefault("latency_ratio_first_run", row["latency_ratio"])
         row.update(latency_ms=1000 * tm.s / len(lat_x), vanilla_latency_ms=1000 * tm.ref_s / len(lat_x),
-                   latency_ratio=tm.ratio, cpu_ratio=tm.cpu_ratio)
+                   latency_ratio=tm.ratio, cpu_ratio=tm.cpu_ratio,
+                   peak_mem_mib=peak_rss_delta(lambda: enc(mem_x, runner, cfg.retain))[1])
     vanilla.update(latency_ms=1000 * statistics.median(ref_times) / len(lat_x), cpu_ratio=1.0)
     vanilla["vanilla_latency_ms"] = vanilla["latency_ms"]
     meta["vanilla"] = vanilla
     meta["latency"] = {"command": _command(argv), "date": _now(), "latency_batch": args.latency_batch,
+                       "mem_batch": args.mem_batch,
                        "repeats": args.repeats, "threads": torch.get_num_threads(), "load_start": load_start,
                        "load_end": list(os.getloadavg())}
     write_outputs(args, meta, vanilla, rows)
@@ -462,6 +469,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
+    stable_malloc()
     if args.latency_only:
         return remeasure_latency(args, argv)
     t_start = time.perf_counter()
