@@ -19,6 +19,7 @@ STYLE = {
     "dart": ("DART(ViT)", "tab:green", "h"),
     "tome": ("ToMe", "tab:blue", "*"),
     "tofu": ("ToFu", "tab:cyan", "p"),
+    "ipcv_config": ("IPCV variant", "black", "d"),
 }
 
 

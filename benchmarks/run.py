@@ -65,6 +65,18 @@ EXTRAS = [
     ("ipcv", {"k": 3}, "k=3"),
     ("ipcv", {"prune_layer": 6, "as_depth": 6}, "l_p=6, Δ=6"),
 ]
+# variants beyond the paper (issue 6) and the configs `ipcv tune` picked on ImageNet samples
+# 100-131 (disjoint from the fidelity images 0-23 and from CIFAR), at --variant-ratios
+VARIANTS = [
+    ({"selection": "stratified"}, "stratified"),
+    ({"selection": "stratified", "reconstruction": "spatial", "weighting": "similarity", "k": 6}, "stratified + spatial sim-NGR k=6"),
+    ({"selection": "stratified", "reconstruction": "spatial", "weighting": "similarity", "k": 6, "merge": "size_bias"},
+     "+ size-weighted attention"),
+    ({"selection": "stratified", "reconstruction": "spatial", "weighting": "similarity", "k": 6, "prune_layer": 4,
+      "as_depth": 2}, "+ l_p=4, Δ=2"),
+    ({"selection": "random", "stages": [[2, 0.75]], "prune_layer": 4, "as_depth": 2}, "two-stage random"),
+]
+TUNED_DIR = os.path.join(HERE, "tuned")
 MARK_BEGIN, MARK_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
@@ -93,6 +105,9 @@ def parse_args(argv):
     ap.add_argument("--cifar", default=DEFAULT_CIFAR)
     ap.add_argument("--ratios", type=float, nargs="+")
     ap.add_argument("--methods", nargs="+", choices=GRID, help="grid methods (default: all)")
+    ap.add_argument("--variant-ratios", dest="variant_ratios", type=float, nargs="*", default=None,
+                    help="ratios for the rows of variants beyond the paper and the tuned configs "
+                         "(default: 0.5 0.35 0.2; --quick: none)")
     ap.add_argument("--extra-ratios", type=float, nargs="*", help="ratios for the extra IPCV rows ([] = none)")
     ap.add_argument("--fid-images", type=int)
     ap.add_argument("--fid-size", type=int)
@@ -119,9 +134,9 @@ def parse_args(argv):
                     help="reuse rows of <out>/bench.partial.json (written after every configuration) and run the rest")
     args = ap.parse_args(argv)
     # full defaults: ~35 min on an idle 2-core CPU (46 configurations)
-    full = dict(ratios=[0.65, 0.5, 0.35, 0.2], extra_ratios=[0.5, 0.2], fid_images=24, fid_size=448, probe_size=224,
+    full = dict(ratios=[0.65, 0.5, 0.35, 0.2], extra_ratios=[0.5, 0.2], variant_ratios=[0.5, 0.35, 0.2], fid_images=24, fid_size=448, probe_size=224,
                 train=2000, test=400, latency_batch=2, repeats=3)
-    quick = dict(ratios=[0.35], extra_ratios=[], fid_images=2, fid_size=224, probe_size=112, train=100, test=50,
+    quick = dict(ratios=[0.35], extra_ratios=[], variant_ratios=[], fid_images=2, fid_size=224, probe_size=112, train=100, test=50,
                  latency_batch=1, repeats=1)
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
@@ -139,9 +154,27 @@ def parse_args(argv):
     return args
 
 
+def tuned_fields(retain: float) -> Optional[Dict]:
+    """The config `ipcv tune` wrote for DINOv2-S at ``retain`` (benchmarks/tuned/), minus retain."""
+    path = os.path.join(TUNED_DIR, f"dinov2-small_r{retain}.json")
+    if not os.path.exists(path):
+        return None
+    from ipcv_core import IPCVConfig
+
+    d = IPCVConfig.from_json(path).to_dict()
+    d.pop("retain")
+    d.pop("extras")
+    return d
+
+
 def build_configs(args) -> List[Config]:
     cfgs = [Config(m, r) for m in GRID if m in args.methods for r in args.ratios]
     cfgs += [Config(m, r, dict(p), v) for r in args.extra_ratios for m, p, v in EXTRAS]
+    for r in getattr(args, "variant_ratios", None) or []:
+        cfgs += [Config("ipcv_config", r, dict(p), v) for p, v in VARIANTS]
+        t = tuned_fields(r)
+        if t is not None:
+            cfgs.append(Config("ipcv_config", r, t, "tuned"))
     return cfgs
 
 

@@ -285,6 +285,29 @@ def run_tofu(
     return _run_merging(h, blocks, retain, layout, lambda l: "prune" if l < pb else "mlerp", prop_attn, "run_tofu")
 
 
+# ----------------------------------------------------------------------------- any IPCVConfig (variants)
+def run_ipcv_config(h, blocks: Sequence[Block], retain: float, layout=None, **fields) -> MethodOutput:
+    """IPCV with any :class:`IPCVConfig` fields (the variants beyond the paper, a tuned config):
+    ``IPCVConfig(retain=retain, **fields)`` through :func:`ipcv_core.run_ipcv`.  Grid-aware variants
+    need the patch grid: when ``layout`` has none and every row is ``protected + s*s`` tokens, the
+    grid is taken as ``s x s`` (square images, row-major patches)."""
+    layout = layout or SegmentLayout()
+    cfg = IPCVConfig(retain=retain, **fields)
+    if cfg.needs_grid and layout.grids is None:
+        n = h.shape[1] - layout.protected
+        s = int(round(n ** 0.5))
+        if layout.lengths is not None or s * s != n:
+            raise ValueError("grid-aware IPCV variants need SegmentLayout.grids (non-square input)")
+        layout = SegmentLayout.batched(layout.protected, (s, s))
+    B, N, D = h.shape
+    res = run_ipcv(h, blocks, cfg, layout)
+    K = res.keep_idx.shape[1] - layout.protected * layout.num_segments
+    R = res.rem_idx.shape[1]
+    flops = _ngr_flops(R, K, D, cfg.k, cfg.as_depth + 1) if R else 0.0
+    return MethodOutput(res.hidden_states, _mask_from(res.rem_idx, B, N), res.keep_idx, flops,
+                        {"config": cfg.to_dict()})
+
+
 # ----------------------------------------------------------------------------- registry
 METHODS: Dict[str, Callable[..., MethodOutput]] = {
     "vanilla": run_vanilla,
@@ -298,6 +321,7 @@ METHODS: Dict[str, Callable[..., MethodOutput]] = {
     "dart": run_dart,
     "tome": run_tome,
     "tofu": run_tofu,
+    "ipcv_config": run_ipcv_config,
 }
 
 

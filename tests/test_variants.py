@@ -167,3 +167,26 @@ def test_multistage_keeps_the_scheduled_counts():
     assert sorted(res.keep_idx[0].tolist() + res.rem_idx[0].tolist()) == list(range(37))
     with pytest.raises(ValueError, match="IPCVConfig.stages"):
         IPCVConfig(retain=0.5, stages=((2, 0.4),), prune_layer=3)
+
+
+def test_benchmark_variant_runner_and_rows():
+    """The harness's variant rows run any IPCVConfig (square grid inferred) and the tuned configs
+    written by `ipcv tune` load as rows."""
+    from benchmarks import run as bench
+    from ipcv_core.methods import METHODS
+
+    spec = ViTSpec(depth=4)
+    m = SyntheticViT(spec).eval()
+    h, *_ = make_inputs(spec, [(6, 6)], 1, batch=2, packed=False)
+    fields = dict(selection="stratified", reconstruction="spatial", weighting="similarity", k=3, prune_layer=1, as_depth=1)
+    out = METHODS["ipcv_config"](h, m.branches(), 0.35, SegmentLayout.batched(1), **fields)
+    ref = run_ipcv(h, m.branches(), IPCVConfig(retain=0.35, **fields), SegmentLayout.batched(1, (6, 6)))
+    assert torch.equal(out.hidden_states, ref.hidden_states)
+    args = bench.parse_args([])
+    labels = [c.variant for c in bench.build_configs(args) if c.method == "ipcv_config"]
+    assert labels.count("stratified") == 3
+    for r in (0.5, 0.35, 0.2):
+        t = bench.tuned_fields(r)
+        if t is not None:
+            IPCVConfig(retain=r, **t)  # a valid config
+            assert "tuned" in labels
