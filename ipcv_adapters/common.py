@@ -88,7 +88,9 @@ class BatchedViTAdapter(TowerAdapter):
         """One segment per row; with ``pixel_values`` also the patch grid (row-major after the
         protected tokens), for the grid-aware variants."""
         grid = None
-        if pixel_values is not None:
+        # under torch.export the image size is symbolic: no grid (int() would specialise the export
+        # to one image size); grid-aware variants then need an eager call or a per-size export
+        if pixel_values is not None and all(isinstance(d, int) for d in pixel_values.shape[-2:]):
             ps = getattr(self.tower.config, "patch_size", None)
             ps = tuple(ps) if isinstance(ps, (list, tuple)) else (ps, ps)
             if ps[0]:

@@ -57,8 +57,8 @@ def ipcv_prune(
     the original positions of the kept rows; ``log_size`` zeros unless a merge variant is on.
     """
     layout = SegmentLayout(segment_lengths, protected, grids, merge)
-    cfg = IPCVConfig.from_dict(config)
-    stage_cfg = cfg.replace(retain=stage_retain, stages=()) if cfg.stages else cfg
+    cfg = IPCVConfig(**config)  # (not from_dict: dynamo cannot trace dataclasses.fields)
+    stage_cfg = IPCVConfig(**{**config, "retain": stage_retain, "stages": ()}) if cfg.stages else cfg
     xb, pb = _bnd(x_lp, token_dim), _bnd(x_prev, token_dim)
     n0 = x0.shape[token_dim]
     if pos_prev is None:

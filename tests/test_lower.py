@@ -105,9 +105,6 @@ def test_inductor_target_has_no_graph_breaks(rewritten):
     assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
 
 
-@pytest.mark.xfail(reason="dynamo breaks the graph inside ipcv_compile.ops.ipcv_prune at IPCVConfig.from_dict "
-                   "(dataclasses.fields on a class); lower('inductor') compiles the exported program instead",
-                   strict=False)
 def test_rewritten_graphmodule_itself_has_no_graph_breaks(rewritten):
     args = _inputs(*SIZES[0], seed=0)
     torch._dynamo.reset()
@@ -191,9 +188,6 @@ def test_internvl_onnx_one_file_two_tile_counts(towers, tmp_path):
         assert out.shape == ref.shape and rel(out, ref) <= TOL
 
 
-@pytest.mark.xfail(reason="ipcv_adapters.common.BatchedViTAdapter.layout() takes int() of the symbolic image size "
-                   "(patch grid for grid-aware variants), which specialises the export to one image size",
-                   strict=False)
 def test_batched_tower_export_keeps_image_size_dynamic(towers):
     from ipcv_adapters.testing import tower_inputs
     from ipcv_compile.lower import dynamic_dims, export_program
