@@ -23,8 +23,8 @@ here from that table's *contents*; torch-tensorrt's own replacement decompositio
 with static arguments (``empty``, ``zeros``, ``full``, ``arange``, ...) are allowed because
 torch-tensorrt's ``constant_fold`` pass (``skip_constructors=False``) folds them.
 
-Sources (read 2025, torch-tensorrt 2.13.0 — the release matching torch 2.13 — from the sources in its
-PyPI wheel, which are the pytorch/TensorRT repository's files at that release):
+Sources (torch-tensorrt 2.13.0 — the release matching torch 2.13 — read from the Python sources in its
+PyPI wheel, i.e. the pytorch/TensorRT repository's files at that release):
 
 * ``py/torch_tensorrt/dynamo/conversion/aten_ops_converters.py`` (``@dynamo_tensorrt_converter``
   targets; ``topk_sort_validator``: ``k`` static and ``<= 3840``; SDPA validator: masks and
@@ -396,7 +396,8 @@ def _check_graph(gm: fx.GraphModule, report: TensorRTReport, max_k: int) -> None
             problem(DATA_DEPENDENT_OPS[name] + " (TensorRT needs static shapes; no data-dependent output shapes)",
                     op=f"aten.{name.split('.')[0]}")
             continue
-        if _unbacked(n.meta.get("val")):
+        if _unbacked(n.meta.get("val")) and not any(_unbacked(a.meta.get("val")) for a in n.all_input_nodes):
+            # reported where the data-dependent size first appears, not at every later use
             problem("output shape depends on tensor data (unbacked symbol in meta['val'])")
         if t in (operator.getitem,):
             report.ops["getitem"] += 1
