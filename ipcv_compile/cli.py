@@ -12,8 +12,9 @@ Qwen2-VL, InternVL (HF-native ``*-hf``), DINOv2, SigLIP or CLIP checkpoint (its 
 
 What is exported: the whole vision tower with IPCV inside (patch embedding -> rewritten blocks ->
 final norm / merger), returning ``(last_hidden_state[, pooler_output])``.  Batched towers (DINOv2,
-InternVL tiles, SigLIP, CLIP) keep a dynamic batch; the image size is fixed at ``--image-size``
-(see ``TowerForExport``; the sidecar's ``dynamic_dims`` says what stayed dynamic).  Qwen2-VL packs images into one sequence whose
+InternVL tiles, SigLIP, CLIP) keep a dynamic batch and, exported at a size other than the
+checkpoint's native one, a dynamic image size (the sidecar's ``dynamic_dims`` says what stayed
+dynamic).  Qwen2-VL packs images into one sequence whose
 per-image keep counts are baked into the graph: the file is for one ``--grid`` layout (its rotary
 tables and block-diagonal mask are constants in the file); export one file per layout.
 

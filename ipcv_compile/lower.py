@@ -184,12 +184,9 @@ class TowerForExport(nn.Module):
     layout -> ``adapter.finish`` and returns ``(last_hidden_state, pooler_output)`` (the non-None
     ones, as a tuple).
 
-    Batched towers (DINOv2, InternVL, SigLIP, CLIP): everything is traced; the batch stays dynamic.
-    The image size stays dynamic too when exported at a size other than the checkpoint's native one
-    (the position-embedding interpolation branch specialises the native size) *and* the adapter's
-    ``prepare`` does not read the size as a Python int (the current ``BatchedViTAdapter.layout``
-    does, for the patch grid: one file per image size until that changes; ``Lowered.dynamic_dims``
-    tells).
+    Batched towers (DINOv2, InternVL, SigLIP, CLIP): everything is traced; batch and image size stay
+    dynamic when exported at a size other than the checkpoint's native one (the position-embedding
+    interpolation branch specialises the native size; ``Lowered.dynamic_dims`` tells).
 
     Packed towers (Qwen2-VL): ``prepare`` is data-dependent on ``grid_thw`` (``cu_seqlens``,
     rotary positions), and the rewritten graph bakes each segment's keep count, so the module is built

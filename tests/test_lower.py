@@ -106,9 +106,11 @@ def test_inductor_target_has_no_graph_breaks(rewritten):
 
 
 def test_rewritten_graphmodule_itself_has_no_graph_breaks(rewritten):
+    """lower(..., "inductor", via="graph") compiles the rewritten GraphModule itself: dynamo must trace
+    the inserted IPCV ops without a break too."""
     args = _inputs(*SIZES[0], seed=0)
     torch._dynamo.reset()
-    ex = torch._dynamo.explain(rewritten[0.5].graph_module)(*args)
+    ex = torch._dynamo.explain(compile_target(rewritten[0.5], args, via="graph"))(*args)
     assert ex.graph_break_count == 0, [str(b.reason)[:200] for b in ex.break_reasons]
 
 
@@ -171,17 +173,17 @@ def test_qwen2vl_onnx_equals_tower(towers, r, tmp_path):
     assert rel(last, ref.last_hidden_state) <= TOL and rel(pooled, ref.pooler_output) <= TOL
 
 
-def test_internvl_onnx_one_file_two_tile_counts(towers, tmp_path):
-    """Batched layout (tiles = batch): one file serves several tile counts (r = 0.5; the r = 1.0 case —
-    no removed rows — is covered by the synthetic ViT and Qwen2-VL above)."""
+def test_internvl_onnx_one_file_two_tile_counts_and_sizes(towers, tmp_path):
+    """Batched layout (tiles = batch): one file serves several tile counts and image sizes (r = 0.5;
+    the r = 1.0 case — no removed rows — is covered by the synthetic ViT and Qwen2-VL above)."""
     from ipcv_adapters.testing import tower_inputs
 
     rt = towers["internvl"][0.5]
-    _, kw = tower_inputs("internvl", batch=2, seed=1, size=70)
+    _, kw = tower_inputs("internvl", batch=2, seed=1, size=70)  # not the native 56 px: no interpolation guard
     lw = lower(TowerForExport(rt), "onnx", (kw["pixel_values"],), path=str(tmp_path / "i.onnx"))
-    assert 0 in lw.dynamic_dims["pixel_values"]
-    for batch in (3, 1):
-        _, kw2 = tower_inputs("internvl", batch=batch, seed=batch, size=70)
+    assert set(lw.dynamic_dims["pixel_values"]) == {0, 2, 3}
+    for batch, size in [(3, 70), (1, 84)]:
+        _, kw2 = tower_inputs("internvl", batch=batch, seed=batch, size=size)
         with torch.no_grad():
             ref = rt(**kw2).last_hidden_state
             (out,) = lw(kw2["pixel_values"])
