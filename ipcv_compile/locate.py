@@ -91,7 +91,8 @@ def _boundary(nodes: Sequence[fx.Node]) -> Tuple[List[fx.Node], List[fx.Node]]:
     return ins, outs
 
 
-def _descendants(src: fx.Node, within: set) -> set:
+def descendants_within(src: fx.Node, within: set) -> set:
+    """Nodes of ``within`` reachable from ``src`` through users (``src`` excluded)."""
     seen, stack = set(), [src]
     while stack:
         n = stack.pop()
@@ -167,7 +168,7 @@ def locate(gm: fx.GraphModule, spec: LocateSpec) -> GraphMap:
             blk_in = prev_out
         # the block proper: nodes that depend on the residual stream.  Nodes that depend only on side
         # inputs (e.g. a rotary table cast, hoisted by export and shared by all blocks) are side values.
-        dep = _descendants(blk_in, set(all_nodes))
+        dep = descendants_within(blk_in, set(all_nodes))
         nodes = [n for n in all_nodes if n in dep]
         if not nodes:
             raise LocateError(f"{path} does not consume the output of block {i - 1} ({blk_in.name})")

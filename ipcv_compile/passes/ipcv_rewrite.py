@@ -43,7 +43,7 @@ from ipcv_core.segments import SegmentLayout
 
 from .. import ops as ipcv_ops
 from ..graph_utils import PassResult, clean_up, refresh_meta
-from ..locate import GraphMap, token_symbol_dims
+from ..locate import GraphMap, descendants_within, token_symbol_dims
 
 __all__ = ["IPCVRewritePass", "RewriteError", "RewriteReport"]
 
@@ -344,12 +344,5 @@ def _path_between(src: fx.Node, dst: fx.Node, nodes) -> List[fx.Node]:
             continue
         anc.add(n)
         stack.extend(n.all_input_nodes)
-    desc = set()
-    stack = [src]
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u in node_set and u not in desc:
-                desc.add(u)
-                stack.append(u)
+    desc = descendants_within(src, node_set)
     return [n for n in nodes if n in anc and n in desc]
