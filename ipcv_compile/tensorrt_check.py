@@ -524,8 +524,9 @@ def tensorrt_check(
         ep = _export_static(program, example_inputs, example_kwargs)
     else:
         raise TypeError(f"tensorrt_check: expected an ExportedProgram, GraphModule or nn.Module, got {type(program)}")
+    user = set(ep.graph_signature.user_inputs)
     for n in ep.graph.nodes:
-        if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor) and n.name not in ep.graph_signature.inputs_to_parameters and n.name not in ep.graph_signature.inputs_to_buffers:
+        if n.op == "placeholder" and n.name in user and isinstance(n.meta.get("val"), torch.Tensor):
             shape = tuple(n.meta["val"].shape)
             report.input_shapes.append(tuple(int(s) if isinstance(s, int) else str(s) for s in shape))
             if any(not isinstance(s, int) for s in shape):
