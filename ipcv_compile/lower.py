@@ -184,15 +184,16 @@ class TowerForExport(nn.Module):
     layout -> ``adapter.finish`` and returns ``(last_hidden_state, pooler_output)`` (the non-None
     ones, as a tuple).
 
-    Batched towers (DINOv2, InternVL, SigLIP, CLIP): everything is traced; batch and image size stay
+    Batched towers (one image / tile per batch row): everything is traced; batch and image size stay
     dynamic when exported at a size other than the checkpoint's native one (the position-embedding
     interpolation branch specialises the native size; ``Lowered.dynamic_dims`` tells).
 
-    Packed towers (Qwen2-VL): ``prepare`` is data-dependent on ``grid_thw`` (``cu_seqlens``,
-    rotary positions), and the rewritten graph bakes each segment's keep count, so the module is built
-    for one fixed ``grid_thw`` (``fixed_kwargs``): the side inputs (rotary cos/sin, block-diagonal mask)
-    are computed once here and stored as buffers, and ``embed(tower, pixel_values)`` (the pixel-
-    dependent part of ``prepare``, e.g. ``tower.patch_embed``) runs in the graph.  One file per
+    Packed towers (several images in one sequence): ``prepare`` is data-dependent on the layout
+    arguments (segment lengths, rotary positions), and the rewritten graph bakes each segment's keep
+    count, so the module is built for one fixed layout (``fixed_kwargs``): the side inputs (rotary
+    cos/sin, block-diagonal mask) are computed once here and stored as buffers, and
+    ``embed(tower, pixel_values)`` (the pixel-dependent part of ``prepare``, supplied by the caller
+    from the adapter's knowledge) runs in the graph.  One file per
     layout: export it with static shapes (``dynamic=False``).
     """
 

@@ -293,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     if not (0.0 < args.retain <= 1.0):
         ap.error(f"--retain must be in (0, 1], got {args.retain}")
-    from .cli import load_tower
+    from ipcv_adapters.cli import load_tower  # model loading is model knowledge
 
     tower, _ = load_tower(args.model)
     if "pixel_values" not in inspect.signature(tower.forward).parameters:

@@ -25,7 +25,16 @@ def pairwise_sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     b = b.float()
     aa = (a * a).sum(-1, keepdim=True)
     bb = (b * b).sum(-1).unsqueeze(-2)
-    return torch.baddbmm(aa + bb, a, b.transpose(-1, -2), alpha=-2.0).clamp_min_(0.0)
+    # aa + bb - 2ab with a plain bmm (torch-tensorrt has no baddbmm converter)
+    return (aa + bb - 2.0 * torch.bmm(a, b.transpose(-1, -2))).clamp_min(0.0)
+
+
+def _known_zero(n) -> bool:
+    if isinstance(n, int):
+        return n == 0
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(n == 0)
 
 
 def _topk_smallest(d2: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +67,7 @@ def knn_kept(
     idx_parts, valid_parts = [], []
     tracing = is_tracing()
     for s in plan.segments:
-        if isinstance(s.remove, int) and s.remove == 0:
+        if _known_zero(s.remove):  # nothing removed (e.g. retain 1.0), also for a symbolic count
             continue
         cand_lo = s.keep_offset + s.protected
         cand = h_keep[:, cand_lo : cand_lo + s.keep]

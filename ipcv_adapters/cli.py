@@ -145,7 +145,7 @@ def example_inputs(tower, rt, args, kind: str):
     """``(export module, example pixel input, description dict)`` for the tower."""
     import torch
 
-    from .lower import TowerForExport
+    from ipcv_compile.lower import TowerForExport
 
     ad = rt.adapter
     gen = torch.Generator().manual_seed(0)
@@ -188,7 +188,7 @@ def cmd_export(args) -> int:
     import torch
 
     import ipcv_compile
-    from .lower import LoweringError, BackendUnavailable
+    from ipcv_compile.lower import LoweringError, BackendUnavailable
 
     backend = FORMATS[args.format]
     prog = Progress(4 if backend == "tensorrt" or not args.no_verify else 3, quiet=args.quiet)
@@ -205,7 +205,7 @@ def cmd_export(args) -> int:
     out = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     if backend == "tensorrt":
-        from .tensorrt_check import tensorrt_check
+        from ipcv_compile.tensorrt_check import tensorrt_check
 
         prog.start("TensorRT graph check (static shapes)")
         report = tensorrt_check(module, (x,))
@@ -230,11 +230,11 @@ def cmd_export(args) -> int:
     if not args.no_verify:
         prog.start("reloading the artifact and comparing with the eager rewritten tower")
         if backend == "pt2":
-            from .backends.pt2 import load_pt2
+            from ipcv_compile.backends.pt2 import load_pt2
 
             runner = load_pt2(out)
         elif backend == "onnx":
-            from .backends.onnx import OnnxRuntimeModule
+            from ipcv_compile.backends.onnx import OnnxRuntimeModule
 
             runner = OnnxRuntimeModule(out)
         else:
@@ -288,7 +288,7 @@ def cmd_inspect(args) -> int:
 def cmd_trt_check(args) -> int:
     import ipcv_compile
 
-    from .tensorrt_check import tensorrt_check
+    from ipcv_compile.tensorrt_check import tensorrt_check
 
     tower, kind = load_tower(args.model)
     cfg = ipcv_config(args, kind)
@@ -305,12 +305,18 @@ def cmd_demo(rest: Sequence[str]) -> int:
     return int(demo.main(list(rest)) or 0)
 
 
+def cmd_tune(rest: Sequence[str]) -> int:
+    from ipcv_compile import tune
+
+    return int(tune.main(list(rest)) or 0)
+
+
 # --------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ipcv", description="IPCV token compression for MLLM vision towers: export, "
                                  "inspect, check.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=f"MODEL: {_allowed_models()}.")
-    sub = ap.add_subparsers(dest="cmd", metavar="{export,inspect,trt-check,demo}")
+    sub = ap.add_subparsers(dest="cmd", metavar="{export,inspect,trt-check,tune,demo}")
 
     def common(p):
         p.add_argument("model", metavar="MODEL", help=f"{_allowed_models()}")
@@ -343,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="vanilla vs IPCV on real DINOv2-S (= python -m ipcv_adapters.demo; args passed on)",
                    add_help=False)
+    sub.add_parser("tune", help="pick the IPCV variant that preserves most on your images (ipcv tune MODEL --images DIR "
+                   "--retain R [--budget tokens|latency]; args passed on)", add_help=False)
     return ap
 
 
@@ -350,6 +358,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
         return cmd_demo(argv[1:])
+    if argv and argv[0] == "tune":
+        return cmd_tune(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
     if not args.cmd:
