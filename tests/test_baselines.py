@@ -31,6 +31,7 @@ KW = {
     "prune_copy": dict(prune_layer=2),
     "prune_lp": dict(prune_layer=2),
     "dart": dict(prune_layer=2, num_pivots=3),
+    "ipcv_config": dict(prune_layer=2, as_depth=2, k=3),
 }
 
 
