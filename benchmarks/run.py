@@ -1,6 +1,6 @@
 """Baselines vs IPCV on real DINOv2-S weights: fidelity, probe accuracy, latency, FLOPs, memory.
 
-    python -m benchmarks.run            # the full grid (about 35 min on an idle 2-core CPU)
+    python -m benchmarks.run            # the full grid (about 35 min on an idle 2-core CPU; ~50 with the variant rows)
     python -m benchmarks.run --quick    # CI smoke run (< 2 min): fewer images, 2 ratios, no extras
 
 Per configuration (method x retain ratio, plus a few IPCV ablation rows):
@@ -133,7 +133,7 @@ def parse_args(argv):
     ap.add_argument("--resume", action="store_true",
                     help="reuse rows of <out>/bench.partial.json (written after every configuration) and run the rest")
     args = ap.parse_args(argv)
-    # full defaults: ~35 min on an idle 2-core CPU (46 configurations)
+    # full defaults: 46 grid + extra configurations, ~35 min on an idle 2-core CPU; the variant rows add ~17 (~15 min)
     full = dict(ratios=[0.65, 0.5, 0.35, 0.2], extra_ratios=[0.5, 0.2], variant_ratios=[0.5, 0.35, 0.2], fid_images=24, fid_size=448, probe_size=224,
                 train=2000, test=400, latency_batch=2, repeats=3)
     quick = dict(ratios=[0.35], extra_ratios=[], variant_ratios=[], fid_images=2, fid_size=224, probe_size=112, train=100, test=50,
