@@ -16,6 +16,10 @@ Input: a captured GraphModule (dynamic token dimension) and its :class:`GraphMap
 * after the last block: ``ipcv_reconstruct`` restores the full length and order for the consumers
   of the block stack's output (final norm, merger, ...).
 
+With a multi-stage schedule (``IPCVConfig.stages``) every stage inserts its own ``ipcv_prune`` on
+the current rows, blocks between stages run on that stage's rows with side inputs gathered to them,
+and reconstruction goes through every stage, innermost first.
+
 Sizes: export reads the token count once (``sym_size`` of an input) and feeds it to every reshape;
 after the prune point that count is wrong for kept rows.  Each reshape/view in a rewritten block
 whose shape has exactly one element derived from the token count gets ``-1`` there instead, so it
