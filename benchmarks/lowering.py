@@ -21,12 +21,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+from .run import machine_info
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.normpath(os.path.join(_HERE, "..", "..", "shared", "weights", "dinov2-small"))
@@ -38,16 +39,8 @@ def _log(msg):
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.platform()}"
+    m = machine_info()
+    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), {m['os']}"
 
 
 def main(argv=None) -> int:

@@ -267,15 +267,21 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_inspect(args) -> int:
-    import torch
-
+def _rewritten_example(args):
+    """(tower, rewritten tower, exportable whole-tower module, example input) for MODEL and the
+    IPCV options of ``args``."""
     import ipcv_compile
 
     tower, kind = load_tower(args.model)
-    cfg = ipcv_config(args, kind)
-    rt = ipcv_compile.rewrite(tower, cfg)
+    rt = ipcv_compile.rewrite(tower, ipcv_config(args, kind))
     module, x, _ = example_inputs(tower, rt, args, kind)
+    return tower, rt, module, x
+
+
+def cmd_inspect(args) -> int:
+    import torch
+
+    tower, rt, module, x = _rewritten_example(args)
     layout = module._template.layout if module.packed else None
     if layout is None:
         with torch.no_grad():
@@ -286,14 +292,9 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_trt_check(args) -> int:
-    import ipcv_compile
-
     from ipcv_compile.tensorrt_check import tensorrt_check
 
-    tower, kind = load_tower(args.model)
-    cfg = ipcv_config(args, kind)
-    rt = ipcv_compile.rewrite(tower, cfg)
-    module, x, _ = example_inputs(tower, rt, args, kind)
+    tower, rt, module, x = _rewritten_example(args)
     report = tensorrt_check(module, (x,))
     print(report.format())
     return 0 if report.ok else 4

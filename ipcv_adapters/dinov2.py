@@ -48,16 +48,7 @@ def _key_features(layer, x):
 
 def dinov2_branches(model) -> List[Branches]:
     """One :class:`ipcv_core.Branches` per ``encoder.layer[i]`` (no per-call state)."""
-    out = []
-    for layer in model.encoder.layer:
-        out.append(
-            Branches(
-                lambda xq, xkv, ctx, _l=layer: _attention_branch(_l, xq, xkv, ctx),
-                lambda x, _l=layer: _ffn_branch(_l, x),
-                lambda x, _l=layer: _key_features(_l, x),
-            )
-        )
-    return out
+    return Branches.per_layer(model.encoder.layer, _attention_branch, _ffn_branch, _key_features)
 
 
 def dinov2_layout(model) -> SegmentLayout:

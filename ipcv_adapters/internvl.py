@@ -76,9 +76,4 @@ class InternVLVisionAdapter(BatchedViTAdapter):
             B, L, _ = k.shape
             return k.view(B, L, a.num_heads, a.head_dim).mean(2)
 
-        return [
-            Branches(lambda xq, xkv, ctx, _l=layer: attention(_l, xq, xkv, ctx),
-                     lambda x, _l=layer: ffn(_l, x),
-                     lambda x, _l=layer: keys(_l, x))
-            for layer in self.blocks
-        ]
+        return Branches.per_layer(self.blocks, attention, ffn, keys)

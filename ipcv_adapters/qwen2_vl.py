@@ -170,9 +170,4 @@ class Qwen2VLAdapter(TowerAdapter):
             k = F.linear(n, a.qkv.weight[D:2 * D], None if a.qkv.bias is None else a.qkv.bias[D:2 * D])
             return k.view(B, L, H, D // H).mean(2)
 
-        return [
-            Branches(lambda xq, xkv, ctx, _b=blk: attention(_b, xq, xkv, ctx),
-                     lambda x, _b=blk: ffn(_b, x),
-                     lambda x, _b=blk: keys(_b, x))
-            for blk in self.blocks
-        ]
+        return Branches.per_layer(self.blocks, attention, ffn, keys)

@@ -25,6 +25,7 @@ Schedule (blocks numbered from 0, ``l_p = prune_layer``, ``Δ = as_depth``):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Protocol, Sequence
 
@@ -96,6 +97,16 @@ class Branches:
         if self.keys is None:
             raise NotImplementedError("this block provides no key_features")
         return self.keys(x)
+
+    @classmethod
+    def per_layer(cls, layers, attention, ffn, keys=None) -> List["Branches"]:
+        """One ``Branches`` per layer from functions taking the layer first:
+        ``attention(layer, x_q, x_kv, ctx)``, ``ffn(layer, x)``, ``keys(layer, x)``."""
+        return [
+            cls(functools.partial(attention, layer), functools.partial(ffn, layer),
+                None if keys is None else functools.partial(keys, layer))
+            for layer in layers
+        ]
 
 
 @dataclass
