@@ -56,9 +56,9 @@ class CountingBlock:
         self._log.append(("ffn", x.shape[0], x.shape[1], 0))
         return self._blk.ffn_branch(x)
 
-    def key_features(self, x):
+    def key_features(self, x, pos=None):
         self._log.append(("keys", x.shape[0], x.shape[1], 0))
-        return self._blk.key_features(x)
+        return self._blk.key_features(x) if pos is None else self._blk.key_features(x, pos)
 
 
 def branch_flops(kind: str, lq: int, lkv: int, d: ModelDims) -> float:

@@ -75,7 +75,20 @@ VARIANTS = [
     ({"selection": "stratified", "reconstruction": "spatial", "weighting": "similarity", "k": 6, "prune_layer": 4,
       "as_depth": 2}, "+ l_p=4, Δ=2"),
     ({"selection": "random", "stages": [[2, 0.75]], "prune_layer": 4, "as_depth": 2}, "two-stage random"),
+    # gradual bipartite merging (ToMe-style stage at every block 1..11 of DINOv2-S's 12, keys as the
+    # metric, sizes + proportional attention) with IPCV's NGR (k=1) at reintegration; per ratio
+    (lambda r: _merge_fields(r, front=1.0), "gradual merge + NGR k=1"),
+    (lambda r: _merge_fields(r, front=0.8), "gradual merge + NGR k=1, front-loaded 0.8"),
 ]
+
+
+def _merge_fields(retain: float, front: float) -> Dict:
+    from ipcv_compile.tune import merge_family_config
+
+    d = merge_family_config(retain, 12, front=front).to_dict()  # DINOv2-S: 12 blocks
+    d.pop("retain")
+    d.pop("extras")
+    return d
 TUNED_DIR = os.path.join(HERE, "tuned")
 MARK_BEGIN, MARK_END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -171,7 +184,7 @@ def build_configs(args) -> List[Config]:
     cfgs = [Config(m, r) for m in GRID if m in args.methods for r in args.ratios]
     cfgs += [Config(m, r, dict(p), v) for r in args.extra_ratios for m, p, v in EXTRAS]
     for r in getattr(args, "variant_ratios", None) or []:
-        cfgs += [Config("ipcv_config", r, dict(p), v) for p, v in VARIANTS]
+        cfgs += [Config("ipcv_config", r, p(r) if callable(p) else dict(p), v) for p, v in VARIANTS]
         t = tuned_fields(r)
         if t is not None:
             cfgs.append(Config("ipcv_config", r, t, "tuned"))

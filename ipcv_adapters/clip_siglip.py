@@ -44,7 +44,7 @@ class _EncoderLayersAdapter(BatchedViTAdapter):
         def ffn(layer, x):
             return layer.mlp(layer.layer_norm2(x))
 
-        def keys(layer, x):
+        def keys(layer, x, pos=None):  # no rotary: positions do not matter
             a = layer.self_attn
             k = a.k_proj(layer.layer_norm1(x))
             B, L, _ = k.shape

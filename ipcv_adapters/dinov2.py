@@ -40,7 +40,7 @@ def _ffn_branch(layer, x):
     return layer.layer_scale2(layer.mlp(layer.norm2(x)))
 
 
-def _key_features(layer, x):
+def _key_features(layer, x, pos=None):  # no rotary: positions do not matter
     att = layer.attention
     B, L, _ = x.shape
     return att.k_proj(layer.norm1(x)).view(B, L, att.num_attention_heads, att.head_dim).mean(2)

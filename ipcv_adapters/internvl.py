@@ -70,7 +70,7 @@ class InternVLVisionAdapter(BatchedViTAdapter):
             y = layer.dropout(layer.mlp(layer.layernorm_after(x)))
             return y if layer.lambda_2 is None else layer.lambda_2 * y
 
-        def keys(layer, x):
+        def keys(layer, x, pos=None):  # no rotary: positions do not matter
             a = layer.attention
             k = a.k_norm(a.k_proj(layer.layernorm_before(x)))
             B, L, _ = k.shape

@@ -162,12 +162,12 @@ class Qwen2VLAdapter(TowerAdapter):
         def ffn(blk, x):
             return blk.mlp(blk.norm2(x))
 
-        def keys(blk, x):
+        def keys(blk, x, pos=None):  # as SDPA sees them: rotary at the rows' original positions
             a = blk.attn
             D, H = a.dim, a.num_heads
             n = blk.norm1(x)
             B, L, _ = n.shape
             k = F.linear(n, a.qkv.weight[D:2 * D], None if a.qkv.bias is None else a.qkv.bias[D:2 * D])
-            return k.view(B, L, H, D // H).mean(2)
+            return rotate(k.view(B, L, H, D // H), pos).mean(2)
 
         return Branches.per_layer(self.blocks, attention, ffn, keys)

@@ -16,7 +16,7 @@ from ipcv_core.reconstruct import ngr, restore
 from ipcv_core.segments import SegmentLayout, plan_segments
 from ipcv_core.selection import gather_rows, is_tracing
 
-__all__ = ["ipcv_prune", "ipcv_reconstruct", "ipcv_gather_tokens", "ipcv_attention_bias"]
+__all__ = ["ipcv_prune", "ipcv_reconstruct", "ipcv_gather_tokens", "ipcv_attention_bias", "ipcv_key_metric"]
 
 
 def _bnd(x: torch.Tensor, token_dim: int) -> torch.Tensor:
@@ -37,6 +37,8 @@ def ipcv_prune(
     x_prev: torch.Tensor,
     x0: torch.Tensor,
     pos_prev: Optional[torch.Tensor],
+    metric: Optional[torch.Tensor] = None,
+    log_size_prev: Optional[torch.Tensor] = None,
     *,
     token_dim: int,
     segment_lengths: Optional[Tuple[int, ...]],
@@ -50,7 +52,9 @@ def ipcv_prune(
     """One prune stage (:func:`ipcv_core.prune.prune_tokens`) at the input of its block.
 
     ``x0`` is the block stack's input (its token count is the original one); ``pos_prev`` the
-    original positions of the current rows (None at the first stage).  The layout and config come
+    original positions of the current rows (None at the first stage); ``metric (B, L, C)`` the
+    bipartite matching metric (:func:`ipcv_key_metric`), ``log_size_prev (B, L)`` the current rows'
+    log sizes from the previous stage (merge variants).  The layout and config come
     as plain values (tuples / a dict), so the graph's generated code can print them.  Returns
     ``(x_keep [model layout], x_rem (B,R,D), keep_idx (B,K), rem_idx (B,R), nbr_idx (B,R,k),
     nbr_w (B,R,k), log_size (B,K), pos (B,K))`` — indices relative to the current rows, ``pos``
@@ -64,7 +68,7 @@ def ipcv_prune(
     if pos_prev is None:
         if not is_tracing() and isinstance(xb.shape[1], int):
             layout.check_tokens(xb.shape[1])
-        st = prune_tokens(xb, pb, layout, stage_cfg)
+        st = prune_tokens(xb, pb, layout, stage_cfg, metric=metric)
         pos = st.keep_idx
     else:
         cur = kept_layout(layout, plan_segments(layout, n0, prev_retain, cfg.min_keep))
@@ -74,12 +78,23 @@ def ipcv_prune(
         st = prune_tokens(
             xb, pb, cur, stage_cfg,
             keep_counts=stage_keep_counts(layout, n0, stage_retain, cfg.min_keep),
-            positions=pos_prev, coords=coords,
+            positions=pos_prev, coords=coords, metric=metric,
+            sizes=None if log_size_prev is None else torch.exp(log_size_prev),
         )
         pos = torch.gather(pos_prev, 1, st.keep_idx)
     log_size = st.log_size if st.log_size is not None else torch.zeros_like(st.keep_idx, dtype=torch.float32)
     return (_model_layout(st.h_keep_lp, token_dim), st.h_rem_lp, st.keep_idx, st.rem_idx, st.nbr_idx, st.nbr_w,
             log_size, pos)
+
+
+def ipcv_key_metric(key: torch.Tensor) -> torch.Tensor:
+    """The bipartite matching metric from an SDPA key input: ``(B, H, L, E)`` -> ``(B, L, E)``
+    (mean over heads), or ``(H, L, E)`` -> ``(1, L, E)``."""
+    if key.dim() == 4:
+        return key.mean(1)
+    if key.dim() == 3:
+        return key.mean(0).unsqueeze(0)
+    raise ValueError(f"attention keys of shape {tuple(key.shape)}: expected (B, H, L, E) or (H, L, E)")
 
 
 def ipcv_attention_bias(mask: Optional[torch.Tensor], log_size: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:

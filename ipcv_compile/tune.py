@@ -8,9 +8,11 @@ Constraint (``budget``): the cost of the paper's IPCV at the same retain ratio (
 * ``"latency"``: measured wall time of the rewritten graph, interleaved with the reference, median
   of repeats (noisy on a busy machine; a 3 % tolerance is allowed).
 
-Search: coordinate descent from the paper's configuration over selection x reconstruction
-(+ weighting) x k x (l_p, Δ) x merge, two passes; each candidate is first checked against the
-budget (cheap), then scored on the images.  Candidates run through ipcv_core's eager driver (the
+Search, two families, each by coordinate descent (two passes): (1) from the paper's configuration
+over selection x reconstruction (+ weighting) x k x (l_p, Δ) x merge; (2) gradual bipartite
+merging (ToMe-style, a prune stage at every block, with IPCV's NGR at reintegration) over the first
+merging block x how front-loaded the schedule is x k x merge.  Each candidate is first checked
+against the budget (cheap), then scored on the images; the best of both families wins.  Candidates run through ipcv_core's eager driver (the
 rewritten graph computes the same, as the test-suite checks), so no capture per candidate.
 The result is written as a JSON config file that ``rewrite(..., config=IPCVConfig.from_json(path))``
 and ``ipcv export --config`` accept.
@@ -26,9 +28,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ipcv_core.config import IPCVConfig, num_keep
+from ipcv_core.config import IPCVConfig, gradual_stages, num_keep
 
-__all__ = ["TuneResult", "tune", "block_flops", "config_flops", "PAPER"]
+__all__ = ["TuneResult", "tune", "block_flops", "config_flops", "merge_family_config", "PAPER", "MERGE_SPACE"]
 
 PAPER = dict(prune_layer=3, as_depth=7, k=10, selection="score", reconstruction="feature", weighting="mean", merge="none")
 
@@ -57,6 +59,9 @@ def config_flops(cfg: Optional[IPCVConfig], n_tokens: int, protected: int, depth
             K = protected + num_keep(n_tokens - protected, sched[b], cfg.min_keep)
             R = prev - K
             total += 2 * R * K * dim + 2 * R * cfg.k * dim  # neighbour search + final NGR
+            if cfg.selection == "bipartite":  # key projection on the incoming rows + A x B similarities
+                # (similarities counted at the model width, an upper bound: the metric is head-averaged)
+                total += 2 * prev * dim * dim + 2 * prev * (prev // 2) * dim
             prev = rows = K
         if cfg.prune_layer <= b < cfg.as_end:
             total += block_flops(rows, n_tokens, rows, dim, ffn_params) + 2 * (n_tokens - rows) * cfg.k * dim
@@ -89,8 +94,28 @@ class TuneResult:
 
 
 def _short(cfg: IPCVConfig) -> str:
-    return (f"sel={cfg.selection} rec={cfg.reconstruction}/{cfg.weighting} k={cfg.k} "
-            f"l_p={cfg.prune_layer} Δ={cfg.as_depth} merge={cfg.merge}")
+    s = (f"sel={cfg.selection} rec={cfg.reconstruction}/{cfg.weighting} k={cfg.k} "
+         f"l_p={cfg.prune_layer} Δ={cfg.as_depth} merge={cfg.merge}")
+    if cfg.stages:
+        s += f" stages={cfg.stages[0][0]}..{cfg.stages[-1][0]}({len(cfg.stages)})"
+        fr = cfg.extras.get("front")
+        if fr is not None:
+            s += f" front={fr}"
+    return s
+
+
+MERGE_SPACE = {"first": [1, 2], "front": [0.8, 0.9, 1.0, 1.2], "k": [1, 3], "merge": ["average", "size_bias"]}
+
+
+def merge_family_config(retain: float, depth: int, first: int = 1, front: float = 1.0, k: int = 1,
+                        merge: str = "average") -> IPCVConfig:
+    """A config of the gradual-merging family: bipartite selection at every block from ``first``
+    to ``depth - 1`` (:func:`ipcv_core.gradual_stages` with ``front``), merge, no AS, NGR with
+    ``k`` cosine-nearest kept rows at reintegration.  ``extras["front"]`` records ``front``."""
+    last = depth - 1
+    return IPCVConfig(retain=retain, prune_layer=last, as_depth=0, k=k, selection="bipartite", merge=merge,
+                      reconstruction="feature", weighting="mean", stages=gradual_stages(retain, first, last, front),
+                      extras={"front": front})
 
 
 def _space(depth: int) -> Dict[str, List]:
@@ -115,6 +140,7 @@ def tune(
     progress: Optional[Callable[[str], None]] = None,
     confirm: Optional[Callable[[IPCVConfig], float]] = None,
     confirm_top: int = 4,
+    families: Sequence[str] = ("prune", "merge"),
 ) -> TuneResult:
     """Coordinate-descent search.
 
@@ -126,7 +152,14 @@ def tune(
         tolerance: allowed relative excess over the reference cost.
         confirm: optional config -> fidelity on all images; the ``confirm_top`` best screened
             candidates (and the reference) are re-scored with it and the best of those is chosen.
+        families: ``"prune"`` — the paper's one-shot pruning and its variants (coordinate descent
+            from the paper's config over selection x reconstruction x k x (l_p, Δ) x merge);
+            ``"merge"`` — gradual bipartite merging (:func:`merge_family_config`; descent from
+            ``first=1, front=1, k=1, average`` over :data:`MERGE_SPACE`).  The best of both wins.
     """
+    for f in families:
+        if f not in ("prune", "merge"):
+            raise ValueError(f"families must be a subset of ('prune', 'merge'), got {tuple(families)!r}")
     t0 = time.perf_counter()
     reference = IPCVConfig(retain=retain, **PAPER)
     reference.validate_depth(depth)
@@ -153,7 +186,7 @@ def tune(
     best = run(reference)
     best_fid = best.fidelity
     cur = reference
-    for _ in range(passes):
+    for _ in range(passes if "prune" in families else 0):
         improved = False
         for dim_name in ("selection", "recon", "k", "depths", "merge"):
             for v in space[dim_name]:
@@ -172,6 +205,30 @@ def tune(
                     best_fid, cur, improved = c.fidelity, cand, True
         if not improved:
             break
+    if "merge" in families and depth >= 3:
+        point = dict(first=1, front=1.0, k=1, merge="average")
+        try:
+            c = run(merge_family_config(retain, depth, **point))
+        except ValueError:  # e.g. a stage would remove more than half of its rows
+            c = None
+        m_fid = c.fidelity if (c is not None and c.feasible) else float("-inf")
+        for _ in range(passes):
+            improved = False
+            for name, values in MERGE_SPACE.items():
+                for v in values:
+                    if name == "first" and v > depth - 1:
+                        continue
+                    trial = {**point, name: v}
+                    try:
+                        c = run(merge_family_config(retain, depth, **trial))
+                    except ValueError:
+                        continue
+                    if c.feasible and c.fidelity > m_fid + 1e-6:
+                        m_fid, point, improved = c.fidelity, trial, True
+            if not improved:
+                break
+        if m_fid > best_fid:
+            best_fid, cur = m_fid, merge_family_config(retain, depth, **point)
     table = list(seen.values())
     if confirm is not None:
         feas = sorted((c for c in table if c.feasible), key=lambda c: -c.fidelity)[:confirm_top]

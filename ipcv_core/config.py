@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Mapping, Tuple
 
-__all__ = ["IPCVConfig", "num_keep", "retain_fraction"]
+__all__ = ["IPCVConfig", "num_keep", "retain_fraction", "gradual_stages"]
 
 WEIGHTINGS = ("mean", "similarity")
-SELECTIONS = ("score", "random", "stratified", "stratified_random")
+SELECTIONS = ("score", "random", "stratified", "stratified_random", "bipartite")
 RECONSTRUCTIONS = ("feature", "spatial")
 MERGES = ("none", "size_bias", "average")
 
@@ -55,7 +55,14 @@ class IPCVConfig:
             index, same for every image); ``"stratified"`` (the segment's patch grid is cut into K
             spatially compact groups along a Z-order curve and the best eq. 1 score of each group is
             kept: uniform coverage, informed within cells); ``"stratified_random"`` (one hashed
-            random token per group).  Stratified variants need the patch grid (SegmentLayout.grids).
+            random token per group).  Stratified variants need the patch grid (SegmentLayout.grids);
+            ``"bipartite"`` (ToMe's bipartite soft matching as a keep score: the segment's rows
+            alternate between sets A and B, the A rows most cosine-similar to some B row are removed;
+            the metric is the block's attention keys averaged over heads, computed on the rows
+            entering the block — the graph rewrite copies the key path, the eager driver calls
+            ``Block.key_features``).  A bipartite stage never removes more than half of its rows:
+            each stage's retain must be at least half of the previous one's.  Combined with
+            ``reconstruction="feature"``, neighbours are searched by cosine of the same metric.
         reconstruction: neighbours for NGR by ``"feature"`` distance at l_p (the paper) or by
             ``"spatial"`` distance on the patch grid (needs SegmentLayout.grids).
         merge: ``"none"`` (the paper); ``"size_bias"`` — each removed token is absorbed by its first
@@ -70,7 +77,12 @@ class IPCVConfig:
             every ratio is relative to the original token count).  Removed tokens of every stage
             are NGR-reconstructed at the end (innermost stage first); AS follows the final stage.
             Later stages select with the eq. 1 score (``"stratified"``) or the hash
-            (``"stratified_random"``): their rows no longer form a grid.  Not combinable with merge.
+            (``"stratified_random"``): their rows no longer form a grid.  With a merge variant sizes
+            accumulate over stages (a kept row absorbing an earlier-merged row adds its size) and
+            proportional attention applies in every non-AS block after the first stage — with
+            ``selection="bipartite"``, ``merge="average"`` and a stage at every block this is ToMe's
+            gradual merging, with IPCV's NGR (own value at the merge + the neighbour's later delta)
+            in place of ToMe's copy-unmerge (see :func:`gradual_stages`).
     """
 
     retain: float = 0.35
@@ -124,8 +136,6 @@ class IPCVConfig:
                     f"got {list(stages)}"
                 )
             prev_l, prev_r = sl, sr
-        if stages and self.merge != "none":
-            raise ValueError("IPCVConfig.stages cannot be combined with merge (allowed: merge='none')")
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"IPCVConfig.seed must be an int >= 0, got {self.seed!r}")
         if not isinstance(self.reintegrate, bool):
@@ -135,7 +145,8 @@ class IPCVConfig:
 
     # ------------------------------------------------------------------ model-dependent validation
     def validate_depth(self, depth: int) -> None:
-        """Check the layer indices against a model with ``depth`` blocks (raises ValueError)."""
+        """Check the layer indices against a model with ``depth`` blocks, and (bipartite selection)
+        that no stage removes more than half of its rows (raises ValueError)."""
         if not _is_int(depth) or depth < 2:
             raise ValueError(f"model depth must be an int >= 2 for IPCV, got {depth!r}")
         if self.prune_layer >= depth:
@@ -148,6 +159,20 @@ class IPCVConfig:
                 f"IPCVConfig.as_depth must be in [0, depth - prune_layer] = [0, {depth - self.prune_layer}] "
                 f"for this model (depth {depth}, prune_layer {self.prune_layer}), got {self.as_depth}"
             )
+        self._check_bipartite()
+
+    def _check_bipartite(self) -> None:
+        if self.selection != "bipartite":
+            return
+        prev = 1.0
+        for sr in [sr for _, sr in self.stages] + [self.retain]:
+            if sr * 2 < prev - 1e-12:
+                raise ValueError(
+                    "IPCVConfig: a bipartite stage removes at most half of its rows, so each stage's retain "
+                    f"(stages, then retain) must be >= half of the previous one (first vs 1.0); got stages "
+                    f"{list(self.stages)} and retain {self.retain}"
+                )
+            prev = sr
 
     @property
     def schedule(self) -> Tuple[Tuple[int, float], ...]:
@@ -202,6 +227,28 @@ class IPCVConfig:
                 text = f.read()
         d = json.loads(text)
         return cls.from_dict(d.get("ipcv_config", d))
+
+
+def gradual_stages(retain: float, first: int, last: int, front: float = 1.0) -> Tuple[Tuple[int, float], ...]:
+    """Stages ``((layer, retain), ...)`` for blocks ``first .. last-1`` that, with the final stage
+    ``(prune_layer=last, retain)``, remove tokens gradually: after ``j`` of the ``S = last-first+1``
+    stages the fraction removed is ``(1 - retain) * (j/S) ** front`` (``front = 1``: the same number
+    per stage, as ToMe's schedule; ``front < 1`` removes more early, cheaper; ``> 1`` later).
+    Ratios are rounded to 1e-4 (the JSON stays readable); every one stays strictly between its
+    neighbours.  Returns ``()`` when ``first == last``."""
+    if not (_is_int(first) and _is_int(last) and 1 <= first <= last):
+        raise ValueError(f"gradual_stages needs ints 1 <= first <= last, got first={first!r}, last={last!r}")
+    if not (isinstance(front, (int, float)) and front > 0):
+        raise ValueError(f"gradual_stages front must be a number > 0, got {front!r}")
+    S = last - first + 1
+    out = []
+    prev = 1.0
+    for j in range(1, S):
+        sr = round(1.0 - (1.0 - retain) * (j / S) ** front, 4)
+        sr = min(max(sr, retain + 1e-4), prev - 1e-4)
+        out.append((first + j - 1, sr))
+        prev = sr
+    return tuple(out)
 
 
 def retain_fraction(retain: float) -> Fraction:

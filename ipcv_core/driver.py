@@ -71,8 +71,10 @@ class AttnContext:
 
 
 class Block(Protocol):
-    """Per-block callables.  ``key_features`` is optional (used by key-matching baselines such as
-    ToMe): the attention keys of rows ``x`` (norm applied), averaged over heads, ``(B, L, C)``."""
+    """Per-block callables.  ``key_features(x, pos=None)`` is optional (used by key-matching
+    baselines such as ToMe and by ``selection="bipartite"``): the attention keys of rows ``x`` as
+    the attention core sees them (norm applied; rotary at the rows' original positions ``pos``,
+    None = ``0..L-1``), averaged over heads, ``(B, L, C)``."""
 
     def attention_branch(self, x_q: torch.Tensor, x_kv: torch.Tensor, ctx: AttnContext) -> torch.Tensor: ...
 
@@ -93,10 +95,12 @@ class Branches:
     def ffn_branch(self, x):
         return self.ffn(x)
 
-    def key_features(self, x):
+    def key_features(self, x, pos=None):
+        """Head-averaged attention keys of rows ``x`` as the attention core sees them; ``pos
+        (B, L)``: the rows' original positions (rotary towers), None = ``0..L-1``."""
         if self.keys is None:
             raise NotImplementedError("this block provides no key_features")
-        return self.keys(x)
+        return self.keys(x) if pos is None else self.keys(x, pos)
 
     @classmethod
     def per_layer(cls, layers, attention, ffn, keys=None) -> List["Branches"]:
@@ -172,15 +176,18 @@ def run_ipcv(
         if li in schedule:
             r = schedule[li]
             cfg = config.replace(retain=r, stages=()) if config.stages else config
+            metric = _key_metric(blk, x, pos) if config.selection == "bipartite" else None
             if scores_fn is not None and not config.stages:
                 st = _prune_with_scores(x, x_prev, layout, config, scores_fn)
             elif not stages:
-                st = prune_tokens(x, x_prev, layout, cfg)
+                st = prune_tokens(x, x_prev, layout, cfg, metric=metric)
             else:
+                prev_size = None if stages[-1].log_size is None else torch.exp(stages[-1].log_size)
                 st = prune_tokens(
                     x, x_prev, cur_layout, cfg,
                     keep_counts=stage_keep_counts(layout, N, r, config.min_keep),
                     positions=pos, coords=None if coords is None else gather_rows(coords, pos),
+                    metric=metric, sizes=prev_size,
                 )
             stages.append(st)
             cur_layout = kept_layout(cur_layout, st.plan)
@@ -213,6 +220,19 @@ def run_ipcv(
         mask = torch.zeros(B, N, dtype=torch.bool, device=h.device).scatter(1, pos, True)
         keep_idx, rem_idx = compact(mask, pos.shape[1]), compact(~mask, N - pos.shape[1])
     return DriverOutput(out, keep_idx, rem_idx, last.nbr_idx, last.nbr_w, stages[0].scores, last.plan, stages)
+
+
+def _key_metric(blk, x: torch.Tensor, pos) -> torch.Tensor:
+    """The bipartite matching metric: the block's attention keys of rows ``x`` (original positions
+    ``pos``, None = all rows), head-averaged."""
+    fn = getattr(blk, "key_features", None)
+    try:
+        return fn(x) if pos is None else fn(x, pos)
+    except (TypeError, NotImplementedError) as e:
+        raise ValueError(
+            "selection='bipartite' in the eager driver needs Block.key_features (the block's attention keys, "
+            "averaged over heads); this block provides none"
+        ) from e
 
 
 def _prune_with_scores(h, h_prev, layout, config, scores_fn) -> PruneState:

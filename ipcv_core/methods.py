@@ -304,6 +304,10 @@ def run_ipcv_config(h, blocks: Sequence[Block], retain: float, layout=None, **fi
     K = res.keep_idx.shape[1] - layout.protected * layout.num_segments
     R = res.rem_idx.shape[1]
     flops = _ngr_flops(R, K, D, cfg.k, cfg.as_depth + 1) if R else 0.0
+    if cfg.selection == "bipartite":  # A x B similarities per stage (at width D: an upper bound)
+        for st in res.stages:
+            n = st.keep_idx.shape[1] + st.rem_idx.shape[1]
+            flops += 2.0 * n * (n // 2) * D
     return MethodOutput(res.hidden_states, _mask_from(res.rem_idx, B, N), res.keep_idx, flops,
                         {"config": cfg.to_dict()})
 

@@ -13,7 +13,7 @@ from .config import IPCVConfig
 from .reconstruct import knn_kept, neighbour_weights
 from .segments import SegmentLayout, SegmentPlan, plan_segments
 from .selection import feature_difference_score, gather_rows, select_per_segment
-from .variants import absorb_sizes, grid_coords, hash_of, hash_scores, merge_average
+from .variants import absorb_sizes, bipartite_scores, grid_coords, hash_of, hash_scores, merge_average, normalise_metric
 
 __all__ = ["PruneState", "prune_tokens", "kept_layout", "stage_keep_counts", "reconstruct_nested", "layout_coords"]
 
@@ -49,6 +49,8 @@ def prune_tokens(
     keep_counts=None,
     positions: Optional[torch.Tensor] = None,
     coords: Optional[torch.Tensor] = None,
+    metric: Optional[torch.Tensor] = None,
+    sizes: Optional[torch.Tensor] = None,
 ) -> PruneState:
     """``h = H_lp``, ``h_prev = H_(lp-1)``, both ``(B, N, D)``.
 
@@ -56,6 +58,10 @@ def prune_tokens(
     segment), ``positions (B, N)`` (original positions of the rows, for hashed scores) and
     ``coords (B, N, 2)`` (grid coordinates of the rows, for spatial neighbours); their rows no longer
     form a grid, so stratified selections fall back to the plain top-K of their score.
+
+    ``metric (B, N, C)``: the matching metric of ``selection="bipartite"`` (required there; with
+    ``reconstruction="feature"`` the neighbour search uses it too, by cosine).  ``sizes (B, N)``:
+    how many original tokens each row stands for (merge variants, later stages); None = all 1.
     """
     B, N, _ = h.shape
     plan = plan_segments(layout, N, config.retain, config.min_keep, keep_counts)
@@ -64,6 +70,10 @@ def prune_tokens(
             scores = hash_scores(N, config.seed, h.device).unsqueeze(0).expand(B, N)
         else:
             scores = hash_of(positions, config.seed)
+    elif config.selection == "bipartite":
+        if metric is None:
+            raise ValueError("selection='bipartite' needs the matching metric (the block's attention keys)")
+        scores = bipartite_scores(metric, plan)
     else:
         scores = feature_difference_score(h, h_prev)
     strategy = "stratified" if config.selection.startswith("stratified") and positions is None else "topk"
@@ -73,15 +83,20 @@ def prune_tokens(
     if config.reconstruction == "spatial":
         c = _coords(layout, plan, B, h.device) if coords is None else coords
         nbr_idx, valid = knn_kept(gather_rows(c, rem_idx), gather_rows(c, keep_idx), plan, config.k)
+    elif metric is not None:
+        mn = normalise_metric(metric)
+        nbr_idx, valid = knn_kept(gather_rows(mn, rem_idx), gather_rows(mn, keep_idx), plan, config.k)
     else:
         nbr_idx, valid = knn_kept(h_rem, h_keep, plan, config.k)
     w = neighbour_weights(h_rem, h_keep, nbr_idx, valid, config.weighting, config.similarity_temperature)
     log_size = None
     if config.merge != "none":
-        sizes = absorb_sizes(nbr_idx, valid, h_keep.shape[1])
+        s_keep = None if sizes is None else gather_rows(sizes.unsqueeze(-1), keep_idx).squeeze(-1)
+        s_rem = None if sizes is None else gather_rows(sizes.unsqueeze(-1), rem_idx).squeeze(-1)
+        new_sizes = absorb_sizes(nbr_idx, valid, h_keep.shape[1], s_keep, s_rem)
         if config.merge == "average":
-            h_keep = merge_average(h_keep, h_rem, nbr_idx, sizes)
-        log_size = torch.log(sizes)
+            h_keep = merge_average(h_keep, h_rem, nbr_idx, new_sizes, s_keep, s_rem)
+        log_size = torch.log(new_sizes)
     return PruneState(keep_idx, rem_idx, h_keep, h_rem, nbr_idx, w, log_size, scores, plan)
 
 

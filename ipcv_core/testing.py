@@ -172,12 +172,18 @@ class SyntheticBlock(nn.Module):
     def ffn_branch(self, x):
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def key_features(self, x):
-        """Attention keys of rows ``x`` (before rotary), averaged over heads: ``(B, L, head_dim)``."""
+    def key_features(self, x, pos=None, cos=None, sin=None):
+        """Attention keys of rows ``x`` as the attention core sees them (rotary at the rows'
+        original positions ``pos (B, L)``, None = ``0..L-1``, when ``cos``/``sin`` are given),
+        averaged over heads: ``(B, L, head_dim)``."""
         a, n = self.attn, self.norm1(x)
         B, L, D = n.shape
         k = a.qkv(n)[..., D : 2 * D] if a.fused else a.k_proj(n)
-        return k.view(B, L, a.heads, a.head_dim).mean(2)
+        k = k.view(B, L, a.heads, a.head_dim).transpose(1, 2)
+        if cos is not None:
+            ck, sk = _rows(cos.to(k.dtype), pos), _rows(sin.to(k.dtype), pos)
+            k = k * ck + rotate_half(k) * sk
+        return k.mean(1)
 
 
 class SyntheticViT(nn.Module):
@@ -212,7 +218,10 @@ class SyntheticViT(nn.Module):
             def attn(x_q, x_kv, ctx, _b=blk):
                 return _b.attention_branch(x_q, x_kv, ctx, cos, sin)
 
-            out.append(Branches(attn, blk.ffn_branch, blk.key_features))
+            def keys(x, pos=None, _b=blk):
+                return _b.key_features(x, pos, cos, sin)
+
+            out.append(Branches(attn, blk.ffn_branch, keys))
         return out
 
 

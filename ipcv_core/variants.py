@@ -10,7 +10,8 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["token_rc", "hash_scores", "hash_of", "zorder_groups", "stratified_top", "grid_coords", "absorb_sizes", "merge_average"]
+__all__ = ["token_rc", "hash_scores", "hash_of", "zorder_groups", "stratified_top", "grid_coords", "absorb_sizes",
+           "merge_average", "bipartite_scores", "normalise_metric"]
 
 _M = 2**31
 
@@ -97,21 +98,72 @@ def grid_coords(grids, lengths, protected: int, device=None, merge: int = 1) -> 
     return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
-def absorb_sizes(nbr_idx: torch.Tensor, valid: torch.Tensor, n_keep) -> torch.Tensor:
+def absorb_sizes(nbr_idx: torch.Tensor, valid: torch.Tensor, n_keep, size_keep=None, size_rem=None) -> torch.Tensor:
     """Size of every kept row once each removed row is absorbed by its first neighbour:
-    ``(B, R, k), (B, R, k), K -> (B, K)`` float32 (1 + number absorbed)."""
+    ``(B, R, k), (B, R, k), K -> (B, K)`` float32.  ``size_keep (B, K)`` / ``size_rem (B, R)``:
+    the rows' own sizes (earlier merge stages); None = every row of size 1."""
     B = nbr_idx.shape[0]
     first = nbr_idx[:, :, 0]
-    ones = valid[:, :, 0].to(torch.float32)
-    sizes = torch.ones(B, n_keep, dtype=torch.float32, device=nbr_idx.device)
-    return sizes.scatter_add(1, first, ones)
+    add = valid[:, :, 0].to(torch.float32)
+    if size_rem is not None:
+        add = add * size_rem.to(torch.float32)
+    if size_keep is None:
+        sizes = torch.ones(B, n_keep, dtype=torch.float32, device=nbr_idx.device)
+    else:
+        sizes = size_keep.to(torch.float32)
+    return sizes.scatter_add(1, first, add)
 
 
-def merge_average(h_keep: torch.Tensor, h_rem: torch.Tensor, nbr_idx: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """Kept rows replaced by the mean of themselves and the removed rows they absorbed (ToMe's
-    size-weighted merge, every token of size 1 at the merge point)."""
+def merge_average(h_keep: torch.Tensor, h_rem: torch.Tensor, nbr_idx: torch.Tensor, sizes: torch.Tensor,
+                  size_keep=None, size_rem=None) -> torch.Tensor:
+    """Kept rows replaced by the size-weighted mean of themselves and the removed rows they
+    absorbed (ToMe's merge): ``sum(s_i h_i) / sum(s_i)`` with ``sizes`` from :func:`absorb_sizes`
+    and the rows' own sizes ``size_keep`` / ``size_rem`` (None = 1)."""
     B, K, D = h_keep.shape
     first = nbr_idx[:, :, 0:1].expand(-1, -1, D)
-    acc = h_keep.float().scatter_add(1, first, h_rem.float())
+    hk, hr = h_keep.float(), h_rem.float()
+    if size_keep is not None:
+        hk = hk * size_keep.to(torch.float32).unsqueeze(-1)
+    if size_rem is not None:
+        hr = hr * size_rem.to(torch.float32).unsqueeze(-1)
+    acc = hk.scatter_add(1, first, hr)
     return (acc / sizes.unsqueeze(-1)).to(h_keep.dtype)
 
+
+def normalise_metric(metric: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm in float32 (Euclidean distance on them orders like cosine)."""
+    m = metric.float()
+    return m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+_B_SCORE = 1.0e4  # set-B rows: above any cosine, so a top-K with K >= |B| keeps every one of them
+
+
+def bipartite_scores(metric: torch.Tensor, plan) -> torch.Tensor:
+    """ToMe's bipartite soft matching as a keep score, per segment: the segment's prunable rows
+    alternate between set A (even offsets) and set B (odd); an A row scores minus its highest
+    cosine similarity to any B row of its segment (the most redundant A rows score lowest and are
+    removed first), a B row scores ``1e4`` (always kept while a stage keeps at least ``|B|`` rows,
+    which :class:`IPCVConfig` guarantees).  Protected rows score ``1e4`` (they are kept anyway).
+
+    ``metric (B, L, C)`` (e.g. head-averaged attention keys), ``plan`` the current rows' segment
+    plan.  Returns ``(B, L)`` float32.  One ``(L_s x L_s/2)`` similarity block per segment.
+    """
+    m = normalise_metric(metric)
+    B = m.shape[0]
+    parts = []
+    for s in plan.segments:
+        lo = s.start + s.protected
+        seg = m[:, lo : s.start + s.length]
+        n = seg.shape[1]
+        b = seg[:, 1::2]
+        if isinstance(n, int) and n < 2:  # no B row: nothing to match (the row is kept or removed alone)
+            best = torch.full((B, n), -2.0, device=m.device)
+        else:
+            best = torch.bmm(seg, b.transpose(1, 2)).amax(dim=-1)
+        is_b = (torch.arange(n, device=m.device) % 2 == 1).unsqueeze(0)
+        score = torch.where(is_b, torch.full_like(best, _B_SCORE), -best)
+        if s.protected:
+            parts.append(torch.full((B, s.protected), _B_SCORE, device=m.device))
+        parts.append(score)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

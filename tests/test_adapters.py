@@ -10,6 +10,7 @@ from torch import nn
 
 import ipcv_adapters
 import ipcv_compile
+import ipcv_core
 from ipcv_adapters.testing import TINY_IPCV, TOWERS, qwen2vl_inputs, tiny_tower, tower_inputs
 
 CFG = TINY_IPCV  # retain 0.35, l_p 1, Δ 2, k 4 on 4-block towers
@@ -296,3 +297,21 @@ def test_grid_aware_variant_equals_eager_driver(name, towers, rewritten):
     assert _rel(got.last_hidden_state, ref.last_hidden_state) <= 1e-5
     # the paper's selection keeps a different set on the same input
     assert not torch.equal(ipcv_adapters.run_eager(t, CFG, *args, **kwargs)[1].keep_idx, res.keep_idx)
+
+
+@pytest.mark.parametrize("name", TOWERS)
+def test_gradual_bipartite_merge_equals_eager_driver(name, towers, rewritten):
+    """ToMe-style gradual merging (bipartite matching on the keys the attention core sees, sizes
+    accumulated, proportional attention) through each adapter: graph == eager driver, whose
+    ``key_features`` applies rotary at the rows' positions for Qwen2-VL."""
+    t = towers[name]
+    depth = rewritten[name][1].adapter.depth
+    cfg = CFG.replace(retain=0.4, stages=ipcv_core.gradual_stages(0.4, 1, depth - 1), prune_layer=depth - 1,
+                      as_depth=0, selection="bipartite", merge="average", k=2)
+    tw = rewritten[name][1].with_config(cfg)
+    args, kwargs = tower_inputs(name, batch=2, seed=6)
+    with torch.no_grad():
+        got = tw(*args, **kwargs)
+        ref, res = ipcv_adapters.run_eager(t, cfg, *args, **kwargs)
+    assert len(res.stages) == depth - 1
+    assert _rel(got.last_hidden_state, ref.last_hidden_state) <= 1e-5

@@ -260,3 +260,20 @@ def test_tensorrt_plumbing_with_a_stand_in_compiler(rewritten, monkeypatch):
     lw.module.build_on_demand = False
     with pytest.raises(Exception, match="no TensorRT engine for input shapes"):
         lw(*_inputs((3, 3), 1, seed=3))
+
+
+def test_gradual_bipartite_merge_onnx_and_inductor_two_sizes(tmp_path):
+    """The ToMe-style merge variant (bipartite selection at every stage, key-path copies, sizes,
+    proportional attention) lowers like the reference: one ONNX file and one inductor graph for
+    two token counts / batch sizes, equal to the eager rewritten graph."""
+    from ipcv_core import gradual_stages
+
+    torch.manual_seed(0)
+    m = SyntheticViT(VIT).eval()
+    gm = capture(m, _inputs(*SIZES[0], seed=0))
+    cfg = IPCVConfig(retain=0.5, stages=gradual_stages(0.5, 1, 2), prune_layer=2, as_depth=0, k=1,
+                     selection="bipartite", merge="average")
+    rm = rewrite_graph(gm, cfg, SPEC, LAYOUT)
+    lw = lower(rm, "onnx", _inputs(*SIZES[0], seed=0), path=str(tmp_path / "merge.onnx"))
+    _check_two_sizes(rm, lw)
+    _check_two_sizes(rm, lower(rm, "inductor", _inputs(*SIZES[0], seed=0)))

@@ -61,3 +61,27 @@ def test_tuned_config_round_trips_into_rewrite(tmp_path):
         out = rm(h)
         ref = m.norm(run_ipcv(h, m.branches(), loaded, layout).hidden_states)
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_merge_family_is_searched_within_budget():
+    """A synthetic objective that prefers gradual merging with k=3 and an early first stage; its
+    cost rises with how back-loaded the schedule is.  The tuner must find the merge family, stay
+    in budget (which rules out front=1.2) and return a config that validates for the depth."""
+    from ipcv_compile.tune import merge_family_config
+
+    def fid(cfg):
+        if cfg.selection != "bipartite":
+            return 0.5
+        return 0.9 + 0.01 * cfg.extras["front"] + (0.02 if cfg.k == 3 else 0.0)
+
+    def cost(cfg):
+        return 0.8 + 0.2 * cfg.extras["front"] if cfg.selection == "bipartite" else 1.0
+
+    res = tune(fid, cost, retain=0.35, depth=12)
+    b = res.best
+    assert b.selection == "bipartite" and b.k == 3 and b.extras["front"] == 1.0 and b.stages
+    b.validate_depth(12)
+    assert b == merge_family_config(0.35, 12, first=b.stages[0][0], front=1.0, k=3, merge=b.merge)
+    assert any(c.config.extras.get("front") == 1.2 and not c.feasible for c in res.table)
+    only = tune(fid, cost, retain=0.35, depth=12, families=("prune",))
+    assert only.best.selection != "bipartite"

@@ -190,3 +190,130 @@ def test_benchmark_variant_runner_and_rows():
         if t is not None:
             IPCVConfig(retain=r, **t)  # a valid config
             assert "tuned" in labels
+
+
+# ----------------------------------------------------------------------------- gradual bipartite merging
+def test_bipartite_selection_removes_what_tome_matching_removes():
+    """One bipartite stage removes exactly the A tokens ToMe's bipartite soft matching merges away
+    (an independent implementation in ipcv_core.baselines), per segment, and keeps every B token."""
+    from ipcv_core.baselines.merging import bipartite_soft_matching
+    from ipcv_core.variants import bipartite_scores
+
+    torch.manual_seed(0)
+    P, n, r = 1, 40, 13
+    metric = torch.randn(2, P + n, 6)
+    layout = SegmentLayout.batched(P)
+    cfg = IPCVConfig(retain=(n - r) / n, prune_layer=1, as_depth=0, selection="bipartite", k=1)
+    st = prune_tokens(torch.randn(2, P + n, 8), torch.zeros(2, P + n, 8), layout, cfg, metric=metric)
+    m = bipartite_soft_matching(metric, r, P)
+    for b in range(2):
+        removed = sorted(st.rem_idx[b].tolist())
+        assert removed == sorted((P + 2 * m.src[b]).tolist())
+        assert all((p - P) % 2 == 0 for p in removed), "only set-A tokens are removed"
+    # packed: segments match separately (a segment's scores ignore the other segment's tokens)
+    lay2 = SegmentLayout.packed((P + 20, P + 15), P)
+    mt = torch.randn(1, 2 * P + 35, 6)
+    s_joint = bipartite_scores(mt, __import__("ipcv_core").segments.plan_segments(lay2, 2 * P + 35, 1.0))
+    s_alone = bipartite_scores(mt[:, P + 20:], __import__("ipcv_core").segments.plan_segments(SegmentLayout.batched(P), P + 15, 1.0))
+    assert torch.equal(s_joint[:, P + 20:], s_alone)
+
+
+def test_gradual_merge_sizes_accumulate_and_neighbours_are_cosine_nearest():
+    spec = ViTSpec(depth=5, layerscale=True)
+    m = SyntheticViT(spec).eval()
+    h, *_, layout = make_inputs(spec, [(6, 6)], 1, batch=2, packed=False)
+    from ipcv_core import gradual_stages
+
+    stages = gradual_stages(0.3, 1, 4)
+    assert [l for l, _ in stages] == [1, 2, 3]
+    assert all(a > b for (_, a), (_, b) in zip(stages, stages[1:])) and stages[-1][1] > 0.3
+    cfg = IPCVConfig(retain=0.3, stages=stages, prune_layer=4, as_depth=0, selection="bipartite", merge="average", k=1)
+    with torch.no_grad():
+        res = run_ipcv(h, m.branches(), cfg, layout)
+    sizes = torch.exp(res.stages[-1].log_size)
+    # every original token is counted exactly once in the final sizes (sizes add over stages)
+    torch.testing.assert_close(sizes.sum(1), torch.full((2,), 37.0))
+    assert sizes.max() > 2.5, "some rows absorbed earlier-merged rows"
+    # each stage's first neighbour is the cosine-nearest kept prunable row (head-averaged keys)
+    st = res.stages[0]
+    keys = m.blocks[1].key_features(run_blocks_upto(m, h, 1))
+    kn = torch.nn.functional.normalize(keys, dim=-1)
+    for b in range(2):
+        kept = [p for p in st.keep_idx[b].tolist() if p != 0]
+        for i, rp in enumerate(st.rem_idx[b].tolist()[:5]):
+            sims = {p: (kn[b, rp] @ kn[b, p]).item() for p in kept}
+            got = st.keep_idx[b, st.nbr_idx[b, i, 0]].item()
+            assert abs(sims[got] - max(sims.values())) < 1e-5
+
+
+def run_blocks_upto(m, h, n):
+    from ipcv_core import run_blocks
+
+    return run_blocks(h, m.branches()[:n])
+
+
+def test_bipartite_stage_removing_more_than_half_is_rejected():
+    with pytest.raises(ValueError, match="at most half"):
+        IPCVConfig(retain=0.3, prune_layer=1, as_depth=0, selection="bipartite").validate_depth(4)
+    with pytest.raises(ValueError, match="at most half"):
+        IPCVConfig(retain=0.3, stages=((1, 0.7),), prune_layer=2, as_depth=0, selection="bipartite").validate_depth(4)
+    IPCVConfig(retain=0.35, stages=((1, 0.7),), prune_layer=2, as_depth=0, selection="bipartite").validate_depth(4)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(merge="average", k=1, as_depth=0),
+        dict(merge="size_bias", k=2, as_depth=1, weighting="similarity"),
+    ],
+    ids=["average-k1", "size_bias-AS"],
+)
+def test_gradual_bipartite_graph_equals_driver(captured, variant):
+    from ipcv_core import gradual_stages
+
+    m, args, layout, gm = captured["batched-cls"]
+    cfg = IPCVConfig(retain=0.35, stages=gradual_stages(0.35, 1, 3), prune_layer=3, selection="bipartite", **variant)
+    rm = rewrite_graph(gm, cfg, SPEC, layout)
+    h, cos, sin, _ = args
+    with torch.no_grad():
+        out = rm(*args)
+        ref = m.norm(run_ipcv(h, m.branches(cos, sin), cfg, layout).hidden_states)
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+    assert rm.report.inserted["ipcv_key_metric"] == 3 and rm.report.key_copies > 0
+    assert rm.report.inserted["ipcv_attention_bias"] >= 1
+
+
+def test_gradual_bipartite_graph_keeps_segments_independent(captured):
+    """Packed rotary tower (keys after rotary in the graph): changing one segment's tokens leaves the
+    other segment's output bit-identical."""
+    from ipcv_core import gradual_stages
+
+    m, args, layout, gm = captured["packed-rotary"]
+    cfg = IPCVConfig(retain=0.4, stages=gradual_stages(0.4, 1, 3), prune_layer=3, as_depth=0,
+                     selection="bipartite", merge="average", k=1)
+    rm = rewrite_graph(gm, cfg, SPEC, layout)
+    h, cos, sin, mask = args
+    n0 = layout.lengths[0]
+    h2 = h.clone()
+    h2[..., n0:, :] = torch.randn_like(h2[..., n0:, :])
+    with torch.no_grad():
+        a, b = rm(h, cos, sin, mask), rm(h2, cos, sin, mask)
+    assert torch.equal(a[..., :n0, :], b[..., :n0, :])
+    assert not torch.equal(a[..., n0:, :], b[..., n0:, :])
+    assert torch.isfinite(a).all()
+
+
+def test_gradual_bipartite_rotary_graph_equals_driver(captured):
+    """Rotary tower: the graph's metric is the SDPA key (rotary applied); the eager driver's
+    key_features applies rotary at the rows' original positions — the same keys at every stage."""
+    from ipcv_core import gradual_stages
+
+    m, args, layout, gm = captured["packed-rotary"]
+    cfg = IPCVConfig(retain=0.4, stages=gradual_stages(0.4, 1, 3), prune_layer=3, as_depth=0,
+                     selection="bipartite", merge="average", k=2)
+    rm = rewrite_graph(gm, cfg, SPEC, layout)
+    h, cos, sin, _ = args
+    with torch.no_grad():
+        out = rm(*args)
+        ref = m.norm(run_ipcv(h, m.branches(cos, sin), cfg, layout).hidden_states)
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5

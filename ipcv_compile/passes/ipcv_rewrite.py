@@ -69,6 +69,7 @@ class RewriteReport:
     side_inputs: Dict[str, tuple] = field(default_factory=dict)
     query_gathers: int = 0
     pre_attention_copies: int = 0
+    key_copies: int = 0  # nodes copied to compute the bipartite metric (keys before a stage)
 
 
 def _is_tok_sym(a, sym) -> bool:
@@ -160,12 +161,22 @@ class IPCVRewritePass:
             old_in = blk.input
             if block_in is None:
                 block_in = old_in
+            key_copies: List[fx.Node] = []
             if bi in stage_of_layer:
                 si, r = stage_of_layer[bi]
+                metric = None
+                if cfg.selection == "bipartite":
+                    side_now = dict(gathered_by_stage[-1]) if gathered_by_stage else {}
+                    if pos is not None:
+                        missing = [s_ for s_ in blk.side_uses if s_ not in side_now]
+                        if missing:
+                            side_now.update(gather_side([blk], pos, pos, f"{si}pre"))
+                    metric, key_copies = self._key_metric(g, blk, old_in, block_in, side_now, report)
+                size_prev = log_size if (cfg.merge != "none" and pos is not None) else None
                 with g.inserting_before(blk.nodes[0]):
                     prune = call(
                         ipcv_ops.ipcv_prune,
-                        (block_in, prev_in, gmap.hidden, pos),
+                        (block_in, prev_in, gmap.hidden, pos, metric, size_prev),
                         dict(
                             token_dim=td,
                             segment_lengths=self.layout.lengths,
@@ -200,9 +211,9 @@ class IPCVRewritePass:
                     for s_, s_k in gathered.items():
                         if s_ in n.all_input_nodes:
                             n.replace_input_with(s_, s_k)
-                if cfg.merge != "none" and bi >= lp:
+                if cfg.merge != "none":
                     self._proportional_attention(g, blk, log_size, report)
-            self._follow_token_count(list(blk.nodes) + extra, gmap.token_symbol, report)
+            self._follow_token_count(list(blk.nodes) + extra + key_copies, gmap.token_symbol, report)
             prev_in = block_in
             block_in = blk.output
 
@@ -277,6 +288,62 @@ class IPCVRewritePass:
                             core.kwargs = kw
                 core.args = tuple(args)
         return copies
+
+    def _key_metric(self, g, blk, old_in, block_in, side_map, report):
+        """Bipartite selection: the block's attention keys on the rows entering it (before this
+        stage prunes them), head-averaged — a copy of every node of the block the SDPA key depends
+        on, reading ``block_in`` and ``side_map`` (side inputs at those rows), inserted before the
+        block.  Returns ``(metric node, copied nodes)``."""
+        if len(blk.attn_cores) != 1:
+            raise RewriteError(
+                f"selection='bipartite' needs exactly one attention core (SDPA) in block {blk.index}, "
+                f"found {len(blk.attn_cores)}"
+            )
+        key = blk.attn_cores[0].args[1]
+        node_set = set(blk.nodes)
+        anc, stack = set(), [key]
+        while stack:
+            n = stack.pop()
+            if n in anc or n not in node_set:
+                continue
+            anc.add(n)
+            stack.extend(n.all_input_nodes)
+        if old_in not in {a for n in anc for a in n.all_input_nodes}:
+            raise RewriteError(f"block {blk.index}: the attention keys do not depend on the block input")
+        env = {old_in: block_in, **side_map}
+        # values the key path reads from outside the block (e.g. rotary tables computed late in the
+        # graph) must exist before the copies: move them (with their own late inputs) up
+        at = blk.nodes[0]
+        order = {n: i for i, n in enumerate(g.nodes)}
+
+        def hoist(n):
+            if order[n] < order[at]:
+                return
+            if n is old_in or n is block_in or n in anc or descendants_within(old_in, {n}):
+                raise RewriteError(f"block {blk.index}: the key path reads {n.name}, computed after the block starts")
+            for a in n.all_input_nodes:
+                hoist(a)
+            at.prepend(n)
+            order[n] = order[at] - 0.5
+
+        for n in anc:
+            for a in n.all_input_nodes:
+                if a not in anc:
+                    hoist(env.get(a, a))
+        copies = []
+        with g.inserting_before(blk.nodes[0]):
+            for n in blk.nodes:
+                if n not in anc:
+                    continue
+                c = g.node_copy(n, lambda a: env.get(a, a))
+                c.meta = dict(n.meta)
+                env[n] = c
+                copies.append(c)
+                report.key_copies += 1
+            metric = g.call_function(ipcv_ops.ipcv_key_metric, (env[key],))
+            metric.name = g._graph_namespace.create_name(f"ipcv_keys{blk.index}", None)
+            report.inserted["ipcv_key_metric"] += 1
+        return metric, copies
 
     def _proportional_attention(self, g, blk, log_size, report):
         """Merge variants: every SDPA of a block after the AS range adds log(size) of its keys."""
