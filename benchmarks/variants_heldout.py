@@ -19,12 +19,14 @@ from ipcv_adapters.images import list_images, load_images
 from ipcv_compile.tune import config_flops
 from ipcv_core import IPCVConfig, SegmentLayout, run_ipcv
 
-from .run import DEFAULT_IMAGES, DEFAULT_MODEL, tuned_fields
+from .run import DEFAULT_IMAGES, DEFAULT_MODEL, _merge_fields, tuned_fields
 
 ROWS = [
     ("paper (reference)", {}),
     ("random keep set", dict(selection="random")),
     ("stratified + spatial sim-NGR k=6", dict(selection="stratified", reconstruction="spatial", weighting="similarity", k=6)),
+    ("gradual merge + NGR k=1", lambda r: _merge_fields(r, front=1.0)),
+    ("gradual merge + NGR k=1, front-loaded 0.8", lambda r: _merge_fields(r, front=0.8)),
 ]
 
 
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
             rows.append(("tuned (`benchmarks/tuned/`)", t))
         ref_flops = config_flops(IPCVConfig(retain=r), **kw)
         for name, fields in rows:
-            cfg = IPCVConfig(retain=r, **fields)
+            cfg = IPCVConfig(retain=r, **(fields(r) if callable(fields) else fields))
             print(f"| {r} | {name} | {config_flops(cfg, **kw) / ref_flops:.2f} | {fidelity(cfg):.4f} |", flush=True)
     return 0
 

@@ -346,6 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--screen-batches", dest="screen", type=int, default=1,
                     help="batches used to screen candidates (the best few are confirmed on all)")
     ap.add_argument("--size", type=int, default=448, help="square image size in pixels")
+    ap.add_argument("--passes", type=int, default=2, help="coordinate-descent passes per family (>= 1)")
     ap.add_argument("--out", default="ipcv_tuned.json", metavar="PATH")
     args = ap.parse_args(argv)
     if not (0.0 < args.retain <= 1.0):
@@ -363,8 +364,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                for i in range(0, len(files), args.batch)]
     print(f"ipcv tune: {type(tower).__name__}, {len(files)} images at {args.size}px, retain {args.retain}, "
           f"budget {args.budget}", flush=True)
-    res = tune_tower(tower, batches, args.retain, args.budget, progress=lambda m: print("  " + m, flush=True),
-                     screen=args.screen)
+    if args.passes < 1:
+        ap.error(f"--passes must be >= 1, got {args.passes}")
+    res = tune_tower(tower, batches, args.retain, args.budget, passes=args.passes,
+                     progress=lambda m: print("  " + m, flush=True), screen=args.screen)
     print(res.format_table())
     print(f"\nbest: {_short(res.best)}\nreference (paper): {_short(res.reference)}\n({res.seconds:.0f} s)")
     res.best.to_json(args.out)

@@ -63,3 +63,12 @@ def test_write_markdown_replaces_only_the_results_section(tmp_path):
     assert "old table" not in text and "| new | table |" in text
     assert text.startswith("# Title\n\nintro") and text.rstrip().endswith("kept text")
     assert "`python -m benchmarks.run`" in text and "2026-01-01" in text
+    # a named section has its own markers: the main section is untouched, links point at its folder
+    write_markdown(str(md), meta, "| variant | rows |", section="issue6", out_dir=str(tmp_path / "res6"),
+                   fig_dir=str(tmp_path / "res6"))
+    text2 = md.read_text()
+    assert "| new | table |" in text2 and "| variant | rows |" in text2
+    assert "<!-- results:issue6:begin -->" in text2 and "(res6/bench.csv)" in text2
+    write_markdown(str(md), meta, "| variant | rows v2 |", section="issue6")
+    text3 = md.read_text()
+    assert "| variant | rows v2 |" in text3 and "| variant | rows |" not in text3 and "| new | table |" in text3

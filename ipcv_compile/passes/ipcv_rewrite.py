@@ -18,7 +18,12 @@ Input: a captured GraphModule (dynamic token dimension) and its :class:`GraphMap
 
 With a multi-stage schedule (``IPCVConfig.stages``) every stage inserts its own ``ipcv_prune`` on
 the current rows, blocks between stages run on that stage's rows with side inputs gathered to them,
-and reconstruction goes through every stage, innermost first.
+and reconstruction goes through every stage, innermost first.  Merge variants add ``log(size)``
+(sizes accumulated over stages) to the attention of every non-AS block after the first stage.
+``selection="bipartite"`` needs each stage's block keys on the rows entering it: every node of the
+block that the SDPA key depends on is copied before the stage, reading the incoming rows (and side
+inputs gathered to them), and ``ipcv_key_metric`` averages the heads — for a fused qkv projection
+the copy computes q and v too (the cost of one projection of the incoming rows per stage).
 
 Sizes: export reads the token count once (``sym_size`` of an input) and feeds it to every reshape;
 after the prune point that count is wrong for kept rows.  Each reshape/view in a rewritten block
@@ -346,7 +351,7 @@ class IPCVRewritePass:
         return metric, copies
 
     def _proportional_attention(self, g, blk, log_size, report):
-        """Merge variants: every SDPA of a block after the AS range adds log(size) of its keys."""
+        """Merge variants: every SDPA of a non-AS block after the first stage adds log(size) of its keys."""
         for core in blk.attn_cores:
             args = list(core.args)
             mask = args[3] if len(args) > 3 else core.kwargs.get("attn_mask")
