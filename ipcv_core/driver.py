@@ -225,14 +225,15 @@ def run_ipcv(
 def _key_metric(blk, x: torch.Tensor, pos) -> torch.Tensor:
     """The bipartite matching metric: the block's attention keys of rows ``x`` (original positions
     ``pos``, None = all rows), head-averaged."""
+    msg = ("selection='bipartite' in the eager driver needs Block.key_features (the block's attention keys, "
+           "averaged over heads); this block provides none")
     fn = getattr(blk, "key_features", None)
+    if fn is None:
+        raise ValueError(msg)
     try:
         return fn(x) if pos is None else fn(x, pos)
-    except (TypeError, NotImplementedError) as e:
-        raise ValueError(
-            "selection='bipartite' in the eager driver needs Block.key_features (the block's attention keys, "
-            "averaged over heads); this block provides none"
-        ) from e
+    except NotImplementedError as e:
+        raise ValueError(msg) from e
 
 
 def _prune_with_scores(h, h_prev, layout, config, scores_fn) -> PruneState:

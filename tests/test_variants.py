@@ -317,3 +317,15 @@ def test_gradual_bipartite_rotary_graph_equals_driver(captured):
         out = rm(*args)
         ref = m.norm(run_ipcv(h, m.branches(cos, sin), cfg, layout).hidden_states)
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_bipartite_in_the_eager_driver_needs_key_features():
+    from ipcv_core import Branches
+
+    spec = ViTSpec(depth=3)
+    m = SyntheticViT(spec).eval()
+    h, *_, layout = make_inputs(spec, [(4, 4)], 1, batch=1, packed=False)
+    blocks = [Branches(b.attention, b.ffn) for b in m.branches()]  # no keys
+    cfg = IPCVConfig(retain=0.6, prune_layer=1, as_depth=0, selection="bipartite", k=1)
+    with pytest.raises(ValueError, match="key_features"):
+        run_ipcv(h, blocks, cfg, layout)
