@@ -183,52 +183,54 @@ def tune(
         seen[key] = c
         return c
 
-    best = run(reference)
-    best_fid = best.fidelity
+    def descend(point: Dict[str, Any], fid: float, space_: Dict[str, List], make, skip_invalid: bool):
+        """Coordinate descent from ``point`` (fidelity ``fid``): each dimension's values in turn, the
+        current point moves to any feasible candidate that improves; ``passes`` passes or until a
+        pass changes nothing.  ``skip_invalid``: candidates whose config raises ValueError are
+        skipped (merge schedules a stage of which would remove more than half of its rows)."""
+        for _ in range(passes):
+            improved = False
+            for name, values in space_.items():
+                for v in values:
+                    trial = {**point, name: v}
+                    try:
+                        c = run(make(trial))
+                    except ValueError:
+                        if not skip_invalid:
+                            raise
+                        continue
+                    if c.feasible and c.fidelity > fid + 1e-6:
+                        fid, point, improved = c.fidelity, trial, True
+            if not improved:
+                break
+        return point, fid
+
+    def make_prune(p):
+        return reference.replace(selection=p["selection"], reconstruction=p["recon"][0], weighting=p["recon"][1],
+                                 k=p["k"], prune_layer=p["depths"][0], as_depth=p["depths"][1], merge=p["merge"])
+
+    best_fid = run(reference).fidelity
     cur = reference
-    for _ in range(passes if "prune" in families else 0):
-        improved = False
-        for dim_name in ("selection", "recon", "k", "depths", "merge"):
-            for v in space[dim_name]:
-                if dim_name == "selection":
-                    cand = cur.replace(selection=v)
-                elif dim_name == "recon":
-                    cand = cur.replace(reconstruction=v[0], weighting=v[1])
-                elif dim_name == "k":
-                    cand = cur.replace(k=v)
-                elif dim_name == "depths":
-                    cand = cur.replace(prune_layer=v[0], as_depth=v[1])
-                else:
-                    cand = cur.replace(merge=v)
-                c = run(cand)
-                if c.feasible and c.fidelity > best_fid + 1e-6:
-                    best_fid, cur, improved = c.fidelity, cand, True
-        if not improved:
-            break
+    if "prune" in families:
+        start = dict(selection=reference.selection, recon=(reference.reconstruction, reference.weighting),
+                     k=reference.k, depths=(reference.prune_layer, reference.as_depth), merge=reference.merge)
+        space1 = {d: space[d] for d in ("selection", "recon", "k", "depths", "merge")}
+        point, best_fid = descend(start, best_fid, space1, make_prune, skip_invalid=False)
+        cur = make_prune(point)
     if "merge" in families and depth >= 3:
+        def make_merge(p):
+            return merge_family_config(retain, depth, **p)
+
         point = dict(first=1, front=1.0, k=1, merge="average")
         try:
-            c = run(merge_family_config(retain, depth, **point))
+            c = run(make_merge(point))
         except ValueError:  # e.g. a stage would remove more than half of its rows
             c = None
         m_fid = c.fidelity if (c is not None and c.feasible) else float("-inf")
-        for _ in range(passes):
-            improved = False
-            for name, values in MERGE_SPACE.items():
-                for v in values:
-                    if name == "first" and v > depth - 1:
-                        continue
-                    trial = {**point, name: v}
-                    try:
-                        c = run(merge_family_config(retain, depth, **trial))
-                    except ValueError:
-                        continue
-                    if c.feasible and c.fidelity > m_fid + 1e-6:
-                        m_fid, point, improved = c.fidelity, trial, True
-            if not improved:
-                break
+        space2 = {**MERGE_SPACE, "first": [v for v in MERGE_SPACE["first"] if v <= depth - 1]}
+        point, m_fid = descend(point, m_fid, space2, make_merge, skip_invalid=True)
         if m_fid > best_fid:
-            best_fid, cur = m_fid, merge_family_config(retain, depth, **point)
+            best_fid, cur = m_fid, make_merge(point)
     table = list(seen.values())
     if confirm is not None:
         feas = sorted((c for c in table if c.feasible), key=lambda c: -c.fidelity)[:confirm_top]

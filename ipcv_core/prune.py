@@ -65,6 +65,7 @@ def prune_tokens(
     """
     B, N, _ = h.shape
     plan = plan_segments(layout, N, config.retain, config.min_keep, keep_counts)
+    unit = None if metric is None else normalise_metric(metric)  # cosine via unit rows, computed once
     if config.selection in ("random", "stratified_random"):
         if positions is None:
             scores = hash_scores(N, config.seed, h.device).unsqueeze(0).expand(B, N)
@@ -73,7 +74,7 @@ def prune_tokens(
     elif config.selection == "bipartite":
         if metric is None:
             raise ValueError("selection='bipartite' needs the matching metric (the block's attention keys)")
-        scores = bipartite_scores(metric, plan)
+        scores = bipartite_scores(unit, plan)
     else:
         scores = feature_difference_score(h, h_prev)
     strategy = "stratified" if config.selection.startswith("stratified") and positions is None else "topk"
@@ -83,9 +84,8 @@ def prune_tokens(
     if config.reconstruction == "spatial":
         c = _coords(layout, plan, B, h.device) if coords is None else coords
         nbr_idx, valid = knn_kept(gather_rows(c, rem_idx), gather_rows(c, keep_idx), plan, config.k)
-    elif metric is not None:
-        mn = normalise_metric(metric)
-        nbr_idx, valid = knn_kept(gather_rows(mn, rem_idx), gather_rows(mn, keep_idx), plan, config.k)
+    elif unit is not None:
+        nbr_idx, valid = knn_kept(gather_rows(unit, rem_idx), gather_rows(unit, keep_idx), plan, config.k)
     else:
         nbr_idx, valid = knn_kept(h_rem, h_keep, plan, config.k)
     w = neighbour_weights(h_rem, h_keep, nbr_idx, valid, config.weighting, config.similarity_temperature)

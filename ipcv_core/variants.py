@@ -139,17 +139,18 @@ def normalise_metric(metric: torch.Tensor) -> torch.Tensor:
 _B_SCORE = 1.0e4  # set-B rows: above any cosine, so a top-K with K >= |B| keeps every one of them
 
 
-def bipartite_scores(metric: torch.Tensor, plan) -> torch.Tensor:
+def bipartite_scores(unit: torch.Tensor, plan) -> torch.Tensor:
     """ToMe's bipartite soft matching as a keep score, per segment: the segment's prunable rows
     alternate between set A (even offsets) and set B (odd); an A row scores minus its highest
     cosine similarity to any B row of its segment (the most redundant A rows score lowest and are
     removed first), a B row scores ``1e4`` (always kept while a stage keeps at least ``|B|`` rows,
     which :class:`IPCVConfig` guarantees).  Protected rows score ``1e4`` (they are kept anyway).
 
-    ``metric (B, L, C)`` (e.g. head-averaged attention keys), ``plan`` the current rows' segment
-    plan.  Returns ``(B, L)`` float32.  One ``(L_s x L_s/2)`` similarity block per segment.
+    ``unit (B, L, C)``: the metric (e.g. head-averaged attention keys) with unit rows
+    (:func:`normalise_metric`); ``plan`` the current rows' segment plan.  Returns ``(B, L)``
+    float32.  One ``(L_s x L_s/2)`` similarity block per segment.
     """
-    m = normalise_metric(metric)
+    m = unit
     B = m.shape[0]
     parts = []
     for s in plan.segments:

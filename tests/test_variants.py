@@ -118,17 +118,27 @@ def captured():
     return out
 
 
-@pytest.mark.parametrize("case", ["batched-cls", "packed-rotary"])
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
-def test_variant_graph_equals_driver(captured, case, variant):
-    m, args, layout, gm = captured[case]
-    cfg = IPCVConfig(**{**dict(retain=0.35, prune_layer=1, as_depth=2, k=3), **variant})
+def _graph_vs_driver(case, cfg):
+    """``(rewritten module, graph output, eager driver output after the final norm, driver result)``."""
+    m, args, layout, gm = case
     rm = rewrite_graph(gm, cfg, SPEC, layout)
     h, cos, sin, _ = args
     with torch.no_grad():
         out = rm(*args)
-        ref = m.norm(run_ipcv(h, m.branches(cos, sin), cfg, layout).hidden_states)
-    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+        res = run_ipcv(h, m.branches(cos, sin), cfg, layout)
+    return rm, out, m.norm(res.hidden_states), res
+
+
+def _rel(out, ref):
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("case", ["batched-cls", "packed-rotary"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
+def test_variant_graph_equals_driver(captured, case, variant):
+    cfg = IPCVConfig(**{**dict(retain=0.35, prune_layer=1, as_depth=2, k=3), **variant})
+    _, out, ref, _ = _graph_vs_driver(captured[case], cfg)
+    assert _rel(out, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("case", ["batched-cls", "packed-rotary"])
@@ -142,16 +152,10 @@ def test_variant_graph_equals_driver(captured, case, variant):
     ids=["2stage-AS", "3stage-random-spatial", "2stage-stratified"],
 )
 def test_multistage_graph_equals_driver(captured, case, variant):
-    m, args, layout, gm = captured[case]
     cfg = IPCVConfig(**{**dict(retain=0.35, k=3), **variant})
-    rm = rewrite_graph(gm, cfg, SPEC, layout)
-    h, cos, sin, _ = args
-    with torch.no_grad():
-        out = rm(*args)
-        res = run_ipcv(h, m.branches(cos, sin), cfg, layout)
-        ref = m.norm(res.hidden_states)
+    rm, out, ref, res = _graph_vs_driver(captured[case], cfg)
     assert len(res.stages) == len(cfg.stages) + 1
-    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+    assert _rel(out, ref) <= 1e-5
     assert rm.report.inserted["ipcv_prune"] == len(cfg.stages) + 1
 
 
@@ -197,7 +201,8 @@ def test_bipartite_selection_removes_what_tome_matching_removes():
     """One bipartite stage removes exactly the A tokens ToMe's bipartite soft matching merges away
     (an independent implementation in ipcv_core.baselines), per segment, and keeps every B token."""
     from ipcv_core.baselines.merging import bipartite_soft_matching
-    from ipcv_core.variants import bipartite_scores
+    from ipcv_core.segments import plan_segments
+    from ipcv_core.variants import bipartite_scores, normalise_metric
 
     torch.manual_seed(0)
     P, n, r = 1, 40, 13
@@ -212,9 +217,9 @@ def test_bipartite_selection_removes_what_tome_matching_removes():
         assert all((p - P) % 2 == 0 for p in removed), "only set-A tokens are removed"
     # packed: segments match separately (a segment's scores ignore the other segment's tokens)
     lay2 = SegmentLayout.packed((P + 20, P + 15), P)
-    mt = torch.randn(1, 2 * P + 35, 6)
-    s_joint = bipartite_scores(mt, __import__("ipcv_core").segments.plan_segments(lay2, 2 * P + 35, 1.0))
-    s_alone = bipartite_scores(mt[:, P + 20:], __import__("ipcv_core").segments.plan_segments(SegmentLayout.batched(P), P + 15, 1.0))
+    mt = normalise_metric(torch.randn(1, 2 * P + 35, 6))
+    s_joint = bipartite_scores(mt, plan_segments(lay2, 2 * P + 35, 1.0))
+    s_alone = bipartite_scores(mt[:, P + 20:], plan_segments(SegmentLayout.batched(P), P + 15, 1.0))
     assert torch.equal(s_joint[:, P + 20:], s_alone)
 
 
@@ -271,14 +276,9 @@ def test_bipartite_stage_removing_more_than_half_is_rejected():
 def test_gradual_bipartite_graph_equals_driver(captured, variant):
     from ipcv_core import gradual_stages
 
-    m, args, layout, gm = captured["batched-cls"]
     cfg = IPCVConfig(retain=0.35, stages=gradual_stages(0.35, 1, 3), prune_layer=3, selection="bipartite", **variant)
-    rm = rewrite_graph(gm, cfg, SPEC, layout)
-    h, cos, sin, _ = args
-    with torch.no_grad():
-        out = rm(*args)
-        ref = m.norm(run_ipcv(h, m.branches(cos, sin), cfg, layout).hidden_states)
-    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+    rm, out, ref, _ = _graph_vs_driver(captured["batched-cls"], cfg)
+    assert _rel(out, ref) <= 1e-5
     assert rm.report.inserted["ipcv_key_metric"] == 3 and rm.report.key_copies > 0
     assert rm.report.inserted["ipcv_attention_bias"] >= 1
 
@@ -308,15 +308,10 @@ def test_gradual_bipartite_rotary_graph_equals_driver(captured):
     key_features applies rotary at the rows' original positions — the same keys at every stage."""
     from ipcv_core import gradual_stages
 
-    m, args, layout, gm = captured["packed-rotary"]
     cfg = IPCVConfig(retain=0.4, stages=gradual_stages(0.4, 1, 3), prune_layer=3, as_depth=0,
                      selection="bipartite", merge="average", k=2)
-    rm = rewrite_graph(gm, cfg, SPEC, layout)
-    h, cos, sin, _ = args
-    with torch.no_grad():
-        out = rm(*args)
-        ref = m.norm(run_ipcv(h, m.branches(cos, sin), cfg, layout).hidden_states)
-    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+    _, out, ref, _ = _graph_vs_driver(captured["packed-rotary"], cfg)
+    assert _rel(out, ref) <= 1e-5
 
 
 def test_bipartite_in_the_eager_driver_needs_key_features():

@@ -138,11 +138,12 @@ class IPCVRewritePass:
         log_size = None
         prev_retain = 1.0
 
-        def gather_side(blocks_using, pos_node, after, stage_i):
+        def gather_side(blocks_using, pos_node, after, stage_i, have=()):
+            """Side inputs of ``blocks_using`` gathered to ``pos_node``'s rows (except those in ``have``)."""
             out: Dict[fx.Node, fx.Node] = {}
             for blk in blocks_using:
                 for s_ in blk.side_uses:
-                    if s_ in out:
+                    if s_ in out or s_ in have:
                         continue
                     dims = gmap.side_inputs[s_]
                     mode = _batch_mode(s_.meta["val"], dims, hidden_val, td)
@@ -172,10 +173,8 @@ class IPCVRewritePass:
                 metric = None
                 if cfg.selection == "bipartite":
                     side_now = dict(gathered_by_stage[-1]) if gathered_by_stage else {}
-                    if pos is not None:
-                        missing = [s_ for s_ in blk.side_uses if s_ not in side_now]
-                        if missing:
-                            side_now.update(gather_side([blk], pos, pos, f"{si}pre"))
+                    if pos is not None:  # side inputs at the incoming rows not gathered yet
+                        side_now.update(gather_side([blk], pos, pos, f"{si}pre", have=side_now))
                     metric, key_copies = self._key_metric(g, blk, old_in, block_in, side_now, report)
                 size_prev = log_size if (cfg.merge != "none" and pos is not None) else None
                 with g.inserting_before(blk.nodes[0]):
@@ -305,14 +304,7 @@ class IPCVRewritePass:
                 f"found {len(blk.attn_cores)}"
             )
         key = blk.attn_cores[0].args[1]
-        node_set = set(blk.nodes)
-        anc, stack = set(), [key]
-        while stack:
-            n = stack.pop()
-            if n in anc or n not in node_set:
-                continue
-            anc.add(n)
-            stack.extend(n.all_input_nodes)
+        anc = _ancestors_within(key, set(blk.nodes))
         if old_in not in {a for n in anc for a in n.all_input_nodes}:
             raise RewriteError(f"block {blk.index}: the attention keys do not depend on the block input")
         env = {old_in: block_in, **side_map}
@@ -412,13 +404,18 @@ class IPCVRewritePass:
 def _path_between(src: fx.Node, dst: fx.Node, nodes) -> List[fx.Node]:
     """Nodes of ``nodes`` (in graph order) on some path from ``src`` to ``dst`` (``dst`` included)."""
     node_set = set(nodes)
-    anc = set()
-    stack = [dst]
+    anc = _ancestors_within(dst, node_set)
+    desc = descendants_within(src, node_set)
+    return [n for n in nodes if n in anc and n in desc]
+
+
+def _ancestors_within(dst: fx.Node, within: set) -> set:
+    """Nodes of ``within`` that ``dst`` depends on through nodes of ``within`` (``dst`` included)."""
+    anc, stack = set(), [dst]
     while stack:
         n = stack.pop()
-        if n in anc or n not in node_set:
+        if n in anc or n not in within:
             continue
         anc.add(n)
         stack.extend(n.all_input_nodes)
-    desc = descendants_within(src, node_set)
-    return [n for n in nodes if n in anc and n in desc]
+    return anc
