@@ -209,7 +209,9 @@ def tune(
         return reference.replace(selection=p["selection"], reconstruction=p["recon"][0], weighting=p["recon"][1],
                                  k=p["k"], prune_layer=p["depths"][0], as_depth=p["depths"][1], merge=p["merge"])
 
-    best_fid = run(reference).fidelity
+    ref_c = run(reference)
+    # a reference measured over budget (latency noise) has no fidelity: start below every candidate
+    best_fid = ref_c.fidelity if ref_c.feasible else float("-inf")
     cur = reference
     if "prune" in families:
         start = dict(selection=reference.selection, recon=(reference.reconstruction, reference.weighting),

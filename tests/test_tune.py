@@ -85,3 +85,17 @@ def test_merge_family_is_searched_within_budget():
     assert any(c.config.extras.get("front") == 1.2 and not c.feasible for c in res.table)
     only = tune(fid, cost, retain=0.35, depth=12, families=("prune",))
     assert only.best.selection != "bipartite"
+
+
+def test_reference_measured_over_budget_does_not_stop_the_search():
+    """With a latency budget the reference itself can be timed a little over budget; the search
+    must still move to feasible, better candidates (it used to compare against NaN and never move)."""
+
+    def fid(cfg):
+        return 0.5 + (0.1 if cfg.selection == "random" else 0.0)
+
+    def cost(cfg):
+        return 1.1 if cfg == IPCVConfig(retain=0.35, **PAPER) else 0.9
+
+    res = tune(fid, cost, retain=0.35, depth=12, families=("prune",))
+    assert res.best.selection == "random"
