@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m ipcv_adapters.demo
+	$(BIN)/python -m ipcv_adapters.app.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,14 +1,14 @@
-"""Cost measurements: analytic FLOPs counted from the shapes each block branch sees, wall-clock
-latency (interleaved with vanilla, median of repeats) and peak resident memory.
+"""Cost measurements of the harness: FLOPs counted from the shapes each block branch really sees,
+and peak resident memory.  The cost model itself (every FLOP formula, :class:`~ipcv_core.cost.ModelDims`)
+and the interleaved timer are :mod:`ipcv_core.cost`'s, the project's one cost model.
 
-FLOPs (multiply-add = 2 FLOPs), per block branch call with ``Lq`` query rows, ``Lkv`` key/value
-rows, model width ``D``, MLP width ``M``:
-
-* attention: q/out projections ``2·Lq·D²`` each, k/v projections ``2·Lkv·D²`` each,
-  ``QKᵀ`` and ``AV`` ``2·Lq·Lkv·D`` each (softmax, norms, biases and LayerScale not counted);
-* FFN: ``4·L·D·M``;  ``key_features`` (ToMe/ToFu/DART metric): one k projection, ``2·L·D²``;
-* plus the method's own work outside the blocks (``MethodOutput.overhead_flops``: matching,
-  neighbour search, NGR) and the patch embedding ``2·n·(3·p²)·D`` (the same for every method).
+FLOPs per image (multiply-add = 2 FLOPs): a :class:`CountingBlock` records ``(kind, batch, Lq, Lkv)``
+for every branch call; :func:`count_flops` prices each record with :func:`~ipcv_core.cost.attention_flops`
+(``Lq`` query rows, ``Lkv`` key/value rows), :func:`~ipcv_core.cost.ffn_flops` or
+:func:`~ipcv_core.cost.key_flops` (``key_features``: the ToMe/ToFu/DART metric, one k projection)
+and adds the method's own work outside the blocks (``MethodOutput.overhead_flops``: matching,
+neighbour search, NGR, priced with the same module's functions) and the patch embedding
+(:func:`~ipcv_core.cost.patch_embed_flops`, the same for every method).
 
 The FLOP ratio to vanilla is the latency a method would reach if time were proportional to FLOPs:
 the "FLOP bound" its measured latency ratio is compared with.
@@ -26,20 +26,11 @@ from __future__ import annotations
 import ctypes
 import math
 import re
-import statistics
-import time
-from dataclasses import dataclass
 from typing import Callable, List, Sequence, Tuple
 
-__all__ = ["ModelDims", "CountingBlock", "Timing", "stable_malloc", "count_flops", "branch_flops", "peak_rss_delta", "interleaved_latency"]
+from ipcv_core.cost import ModelDims, attention_flops, ffn_flops, key_flops, patch_embed_flops
 
-
-@dataclass(frozen=True)
-class ModelDims:
-    dim: int
-    mlp: int
-    patch: int
-    channels: int = 3
+__all__ = ["CountingBlock", "count_flops", "peak_rss_delta", "stable_malloc"]
 
 
 class CountingBlock:
@@ -61,15 +52,12 @@ class CountingBlock:
         return self._blk.key_features(x) if pos is None else self._blk.key_features(x, pos)
 
 
-def branch_flops(kind: str, lq: int, lkv: int, d: ModelDims) -> float:
-    D = d.dim
-    if kind == "attn":
-        return 4.0 * lq * D * D + 4.0 * lkv * D * D + 4.0 * lq * lkv * D
-    if kind == "ffn":
-        return 4.0 * lq * D * d.mlp
-    if kind == "keys":
-        return 2.0 * lq * D * D
-    raise ValueError(kind)
+# what each CountingBlock record costs: (rows, kv rows, dims) -> FLOPs, from the one cost model
+_PRICE = {
+    "attn": attention_flops,
+    "ffn": lambda rows, _lkv, d: ffn_flops(rows, d),
+    "keys": lambda rows, _lkv, d: key_flops(rows, d),
+}
 
 
 def count_flops(log: Sequence[Tuple[str, int, int, int]], dims: ModelDims, n_patches: int, overhead_per_image: float) -> float:
@@ -77,9 +65,8 @@ def count_flops(log: Sequence[Tuple[str, int, int, int]], dims: ModelDims, n_pat
     if not log:
         return float("nan")
     batch = log[0][1]
-    blocks = sum(branch_flops(k, lq, lkv, dims) * b for k, b, lq, lkv in log) / batch
-    embed = 2.0 * n_patches * dims.channels * dims.patch * dims.patch * dims.dim
-    return blocks + embed + overhead_per_image
+    blocks = sum(_PRICE[k](lq, lkv, dims) * b for k, b, lq, lkv in log) / batch
+    return blocks + patch_embed_flops(n_patches, dims) + overhead_per_image
 
 
 _LIBC = None
@@ -123,36 +110,3 @@ def peak_rss_delta(fn: Callable[[], object]) -> Tuple[object, float]:
         return fn(), math.nan
     out = fn()
     return out, (_status_kb("VmHWM") - base) / 1024.0
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Interleaved timing of a reference and a candidate.  ``ratio`` / ``cpu_ratio``: median over the
-    repeats of the per-pair ratios (each candidate run divided by the reference run just before it)
-    of wall-clock and of process CPU time; per-pair ratios follow load changes on a shared machine
-    better than a ratio of medians, and CPU time barely depends on other processes' load."""
-
-    ref_s: float  # median wall seconds of the reference
-    s: float  # median wall seconds of the candidate
-    ratio: float
-    cpu_ratio: float
-
-
-def interleaved_latency(fn_ref: Callable[[], object], fn: Callable[[], object], repeats: int) -> Timing:
-    """Time ``fn_ref`` and ``fn`` alternately, ``repeats`` times each."""
-    wall, cpu = [], []
-    for _ in range(repeats):
-        pair = []
-        for f in (fn_ref, fn):
-            w, c = time.perf_counter(), time.process_time()
-            f()
-            pair.append((time.perf_counter() - w, time.process_time() - c))
-        wall.append((pair[0][0], pair[1][0]))
-        cpu.append((pair[0][1], pair[1][1]))
-    med = statistics.median
-    return Timing(
-        med(a for a, _ in wall),
-        med(b for _, b in wall),
-        med(b / a for a, b in wall),
-        med(b / a if a > 0 else math.nan for a, b in cpu),
-    )

@@ -9,7 +9,7 @@ width 1280, 16 heads, MLP ratio 4, patch 14, 2x2 merger into 3584) and **random 
 checkpoint download; latency does not depend on the values), in bf16 on the GPU.  One image per call:
 ``--tokens 1024`` is a 32 x 32 patch grid (448 x 448 px), ``4096`` a 64 x 64 grid (896 x 896 px).
 
-Rows, all built as ``ipcv_compile.lower.TowerForExport`` over the Qwen2-VL adapter for that grid
+Rows, all built as ``ipcv_adapters.export.TowerForExport`` over the Qwen2-VL adapter for that grid
 (patch embedding -> blocks -> merger; rotary tables and mask precomputed for the layout):
 ``vanilla`` = the adapter's plain block stack, ``IPCV r`` = the rewritten graph (paper defaults
 l_p=3, Δ=7, k=10).  ``hf eager`` is the unmodified HF tower called with ``grid_thw`` (its own
@@ -67,14 +67,6 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def cuda_time(fn) -> float:
-    _sync()
-    t = time.perf_counter()
-    fn()
-    _sync()
-    return time.perf_counter() - t
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
@@ -96,8 +88,9 @@ def main(argv=None) -> int:
         return 3
 
     import ipcv_compile
-    from ipcv_compile.lower import TowerForExport
+    from ipcv_adapters.export import TowerForExport
     from ipcv_core import IPCVConfig
+    from ipcv_core.cost import round_robin
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     dev = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (smoke test, not a GPU measurement)"
@@ -131,7 +124,6 @@ def main(argv=None) -> int:
                     lw = ipcv_compile.lower(m, "inductor", (pv,), dynamic=False)
                     runners[(b, name)] = (lambda lw_=lw: lw_(pv))
                 build_s[(b, name)] = time.perf_counter() - t0
-        times = {k: [] for k in runners}
         peak = {}
         with torch.no_grad():
             for k, fn in runners.items():
@@ -141,9 +133,7 @@ def main(argv=None) -> int:
                     fn()
                 _sync()
                 peak[k] = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
-            for _ in range(args.repeats):
-                for k, fn in runners.items():
-                    times[k].append(cuda_time(fn))
+            times = round_robin(runners, args.repeats, sync=_sync).wall
         for k, v in times.items():
             b, name = k
             med = statistics.median(v)

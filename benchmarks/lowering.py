@@ -5,7 +5,7 @@
                                   [--out benchmarks/results/lowering/lowering.json]
 
 Every row is the whole tower (embeddings -> blocks -> final norm), built as
-``ipcv_compile.lower.TowerForExport`` over the DINOv2 adapter: ``vanilla`` runs the adapter's plain
+``ipcv_adapters.export.TowerForExport`` over the DINOv2 adapter: ``vanilla`` runs the adapter's plain
 block stack, ``IPCV r`` the rewritten graph (paper defaults l_p=3, Δ=7, k=10) — same prepare /
 finish / attention implementation, so rows differ only by the IPCV rewrite.  Each backend lowers
 every row once (inductor: ``torch.compile(fullgraph=True, dynamic=True)`` of the exported program;
@@ -21,13 +21,12 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 
-from .run import machine_info
+from .report import machine_info
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.normpath(os.path.join(_HERE, "..", "..", "shared", "weights", "dinov2-small"))
@@ -59,10 +58,11 @@ def main(argv=None) -> int:
 
     import ipcv_compile
     from ipcv_adapters.dinov2 import load_dinov2
-    from ipcv_adapters.images import list_images, load_images
-    from ipcv_compile.lower import TowerForExport
+    from ipcv_adapters.app.images import list_images, load_images
+    from ipcv_adapters.export import TowerForExport
     from ipcv_core import IPCVConfig
     from ipcv_core.config import num_keep
+    from ipcv_core.cost import round_robin
 
     torch.manual_seed(0)
     model = load_dinov2(args.model)
@@ -111,18 +111,11 @@ def main(argv=None) -> int:
 
     # interleaved timing: every (backend, row) once per round
     load0 = os.getloadavg()
-    times = {k: [] for k in runners}
+    calls = {k: ((lambda fn=fn: fn(x)) if k in lowered else fn) for k, fn in runners.items()}
     with torch.no_grad():
-        for k, fn in runners.items():  # warm-up
-            fn(x) if k in lowered else fn()
-        for i in range(args.repeats):
-            for k, fn in runners.items():
-                t = time.perf_counter()
-                fn(x) if k in lowered else fn()
-                times[k].append(time.perf_counter() - t)
-            _log(f"round {i + 1}/{args.repeats} done")
+        rounds = round_robin(calls, args.repeats, warmup=1)
     load1 = os.getloadavg()
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: rounds.median(k) for k in runners}
 
     van = eager_out["vanilla"][0][:, 1:]
     cos = {name: float(torch.nn.functional.cosine_similarity(o[0][:, 1:], van, dim=-1).mean()) for name, o in eager_out.items()}

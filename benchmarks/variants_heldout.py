@@ -4,7 +4,7 @@
 
 Fidelity = mean cosine of the final patch tokens to the unpruned model at 448 px on ImageNet
 samples 0..23 (the harness's fidelity images), which `ipcv tune` never saw (it tuned on 100..131).
-FLOPs relative to the paper's IPCV at the same retain ratio (analytic, ipcv_compile.tune).
+FLOPs relative to the paper's IPCV at the same retain ratio (analytic, ipcv_core.cost).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import os
 import torch
 
 from ipcv_adapters.dinov2 import dinov2_branches, load_dinov2
-from ipcv_adapters.images import list_images, load_images
-from ipcv_compile.tune import config_flops
+from ipcv_adapters.app.images import list_images, load_images
+from ipcv_core.cost import ModelDims, config_flops
 from ipcv_core import IPCVConfig, SegmentLayout, run_ipcv
 
-from .run import DEFAULT_IMAGES, DEFAULT_MODEL, _merge_fields, tuned_fields
+from .grid import DEFAULT_IMAGES, DEFAULT_MODEL, _merge_fields, tuned_fields
 
 ROWS = [
     ("paper (reference)", {}),
@@ -42,8 +42,8 @@ def main(argv=None) -> int:
     layout = SegmentLayout.batched(1, (side, side))
     files = list_images(args.images)[: args.num_images]
     xs = [load_images(files[i : i + 8], args.size) for i in range(0, len(files), 8)]
-    kw = dict(n_tokens=1 + side * side, protected=1, depth=len(m.encoder.layer), dim=m.config.hidden_size,
-              ffn_params=sum(p.numel() for p in m.encoder.layer[0].mlp.parameters()))
+    kw = dict(n_tokens=1 + side * side, protected=1, depth=len(m.encoder.layer),
+              dims=ModelDims(m.config.hidden_size, ffn_params=sum(p.numel() for p in m.encoder.layer[0].mlp.parameters())))
     with torch.no_grad():
         embs = [m.embeddings(x) for x in xs]
         refs = [m(pixel_values=x).last_hidden_state for x in xs]
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         t = tuned_fields(r)
         if t is not None:
             rows.append(("tuned (`benchmarks/tuned/`)", t))
-        ref_flops = config_flops(IPCVConfig(retain=r), **kw)
+        ref_flops = config_flops(IPCVConfig.paper(r), **kw)
         for name, fields in rows:
             cfg = IPCVConfig(retain=r, **(fields(r) if callable(fields) else fields))
             print(f"| {r} | {name} | {config_flops(cfg, **kw) / ref_flops:.2f} | {fidelity(cfg):.4f} |", flush=True)

@@ -8,6 +8,7 @@ from typing import Any, List, Optional, Tuple, Type
 import torch
 from torch import nn
 
+from ipcv_compile.extension import UnsupportedModuleError
 from ipcv_core.config import IPCVConfig
 from ipcv_core.driver import DriverOutput, run_blocks, run_ipcv
 
@@ -31,7 +32,7 @@ _TOWER_PATHS = ("visual", "model.visual", "vision_tower", "model.vision_tower", 
                 "model.vision_model")
 
 
-class UnsupportedTowerError(TypeError):
+class UnsupportedTowerError(UnsupportedModuleError):
     """No registered adapter recognises the module."""
 
 
@@ -90,7 +91,11 @@ def find_adapter(module: nn.Module) -> TowerAdapter:
 
 def rewrite_with_adapter(tower: nn.Module, config: Optional[IPCVConfig] = None, *,
                          cache_size: int = DEFAULT_CACHE_SIZE) -> IPCVTower:
-    """The drop-in IPCV version of a supported tower (captured now; see :class:`IPCVTower`)."""
+    """The drop-in IPCV version of a supported tower (captured now; see :class:`IPCVTower`).  The
+    rewriter ``ipcv_compile.rewrite(tower, ...)`` finds through the ``ipcv.rewriters`` entry point."""
+    if isinstance(tower, IPCVTower):
+        raise ValueError("this tower is already IPCV-rewritten; use tower.with_config(...) for another config, "
+                         "or rewrite tower.tower (the original)")
     adapter = find_adapter(tower)
     return IPCVTower(tower, adapter, config or IPCVConfig(), cache_size=cache_size)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import fx, nn
@@ -12,6 +12,7 @@ from torch import fx, nn
 from ipcv_core.config import IPCVConfig
 from ipcv_core.segments import SegmentLayout
 
+from .extension import rewrite_module
 from .locate import GraphMap, locate
 from .passes.ipcv_rewrite import IPCVRewritePass, RewriteReport
 from .spec import LocateSpec
@@ -161,7 +162,7 @@ class IPCVModule(nn.Module):
 
 def rewrite(
     module: nn.Module,
-    config: Optional[IPCVConfig] = None,
+    config: Union[IPCVConfig, float, None] = None,
     *,
     example_inputs: Optional[Tuple[Any, ...]] = None,
     example_kwargs: Optional[Dict[str, Any]] = None,
@@ -169,20 +170,35 @@ def rewrite(
     layout: Optional[SegmentLayout] = None,
     dynamic_shapes=None,
     hidden_index: int = 0,
-    **config_overrides: Any,
+    **overrides: Any,
 ) -> nn.Module:
     """Capture ``module`` and rewrite it with IPCV.
 
-    Either give ``spec`` + ``example_inputs`` (+ ``layout``), or give neither and let an adapter
-    from :mod:`ipcv_adapters` recognise the module (``rewrite(model.visual, retain=0.35)``).
-    ``config_overrides`` (e.g. ``retain=0.35``) replace fields of ``config`` (default: paper
-    defaults).
+    Either give ``spec`` + ``example_inputs`` (+ ``layout``), or give neither and let a registered
+    rewriter (:mod:`ipcv_compile.extension`; ``ipcv_adapters`` registers the HF towers) recognise
+    the module: ``rewrite(model.visual, retain=0.35)``.  ``config``: an :class:`IPCVConfig`, or a
+    number taken as ``retain``; ``overrides`` that name :class:`IPCVConfig` fields (``retain=0.35``,
+    ``k=8``) replace those fields, the others are options of the module's rewriter (e.g. the towers'
+    ``cache_size``).
     """
-    config = (config or IPCVConfig()).replace(**config_overrides) if config_overrides else (config or IPCVConfig())
+    fields = IPCVConfig.field_names()
+    changes = {k: v for k, v in overrides.items() if k in fields}
+    options = {k: v for k, v in overrides.items() if k not in fields}
+    if isinstance(config, (int, float)) and not isinstance(config, bool):
+        if "retain" in changes:
+            raise TypeError("rewrite: retain given twice (as config and as retain=)")
+        changes["retain"] = config
+        config = None
+    if config is not None and not isinstance(config, IPCVConfig):
+        raise TypeError(f"rewrite: config must be an IPCVConfig or a retain ratio in (0, 1], got {type(config).__name__}")
+    config = (config or IPCVConfig()).replace(**changes)
     if spec is None:
-        from ipcv_adapters import rewrite_with_adapter  # model knowledge lives there
-
-        return rewrite_with_adapter(module, config)
+        if example_inputs is not None or layout is not None:
+            raise ValueError("rewrite: example_inputs / layout are given but no spec (LocateSpec); give all three, "
+                             "or none to let a registered rewriter handle the module")
+        return rewrite_module(module, config, **options)
+    if options:
+        raise TypeError(f"rewrite: unknown option(s) {sorted(options)} (IPCVConfig fields: {sorted(fields)})")
     if example_inputs is None:
         raise ValueError("rewrite: example_inputs are required when a spec is given")
     layout = layout or SegmentLayout()
@@ -192,16 +208,17 @@ def rewrite(
 
 
 def rewrite_graph(gm: fx.GraphModule, config: IPCVConfig, spec: LocateSpec, layout: SegmentLayout,
-                  t0: Optional[float] = None, refresh_meta: bool = False) -> IPCVModule:
+                  t0: Optional[float] = None, refresh_meta: bool = False, check_rows: bool = True) -> IPCVModule:
     """Rewrite an already captured GraphModule (from :func:`capture`); ``gm`` is not modified.
-    ``refresh_meta=True`` updates every node's ``meta["val"]`` right away (else on demand)."""
+    ``refresh_meta=True`` updates every node's ``meta["val"]`` right away (else on demand);
+    ``check_rows`` verifies the rows every block sees after the rewrite (the pass's ``ensures``)."""
     t0 = time.perf_counter() if t0 is None else t0
     gm = _fresh(gm)
     nodes_before = len(gm.graph.nodes)
     gmap = locate(gm, spec)
-    result = IPCVRewritePass(config, layout, refresh=refresh_meta)(gm, gmap)
-    return IPCVModule(result.graph_module, config, layout, gmap, result.graph_module.meta["ipcv_report"],
-                      nodes_before, time.perf_counter() - t0)
+    rw = IPCVRewritePass(gmap, config, layout, refresh=refresh_meta, check_rows=check_rows)
+    result = rw(gm)
+    return IPCVModule(result.graph_module, config, layout, gmap, rw.report, nodes_before, time.perf_counter() - t0)
 
 
 def _fresh(gm: fx.GraphModule) -> fx.GraphModule:

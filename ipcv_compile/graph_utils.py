@@ -1,21 +1,13 @@
-"""Pass infrastructure: results, clean-up after a rewrite, metadata refresh."""
+"""Pass infrastructure: clean-up after a rewrite, metadata refresh, shape probes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Dict, Iterable
 
 import torch
 from torch import fx
 
-__all__ = ["PassResult", "clean_up", "refresh_meta", "count_ops"]
-
-
-@dataclass
-class PassResult:
-    """As ``torch.fx.passes.infra.pass_base.PassResult``: the module and whether it changed."""
-
-    graph_module: fx.GraphModule
-    modified: bool
+__all__ = ["clean_up", "refresh_meta", "probe_shapes", "count_ops"]
 
 
 def clean_up(gm: fx.GraphModule) -> None:
@@ -74,6 +66,41 @@ def refresh_meta(gm: fx.GraphModule, static_sizes: dict | None = None, symbolic:
             else:
                 inputs.append(v)
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def probe_shapes(gm: fx.GraphModule, nodes: Iterable[fx.Node], static_sizes: dict | None = None) -> Dict[fx.Node, object]:
+    """Run ``gm`` on fake inputs of concrete sizes (each symbol of the captured inputs at
+    ``static_sizes`` or its example value) and return the values of ``nodes``; ``meta`` is not
+    touched.  Fast: no symbolic reasoning."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    want = set(nodes)
+    static_sizes = dict(static_sizes or {})
+    got: Dict[fx.Node, object] = {}
+
+    def size(s):
+        if not isinstance(s, torch.SymInt):
+            return s
+        return static_sizes.get(s.node.expr, int(s.node.hint))
+
+    class _Probe(fx.Interpreter):
+        def run_node(self, n):
+            r = super().run_node(n)
+            if n in want:
+                got[n] = r
+            return r
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        inputs = []
+        for n in gm.graph.nodes:
+            if n.op != "placeholder":
+                continue
+            v = n.meta.get("val")
+            inputs.append(torch.empty([size(d) for d in v.shape], dtype=v.dtype, device=v.device)
+                          if isinstance(v, torch.Tensor) else v)
+        _Probe(gm).run(*inputs)
+    return got
 
 
 def count_ops(gm: fx.GraphModule) -> dict:

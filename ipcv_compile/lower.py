@@ -17,9 +17,8 @@ ones the graph allows dynamic (token count and batch of a batched layout) and sp
 (feature dims; all token dims of a packed layout, whose per-segment keep counts are baked in).
 ``Lowered.dynamic_dims`` says which stayed dynamic.
 
-:class:`TowerForExport` makes an exportable module of a whole rewritten tower
-(:class:`ipcv_adapters.IPCVTower`): the adapter's ``prepare`` -> rewritten block stack -> ``finish``,
-returning plain tensors.
+Whole towers (patch embedding -> rewritten blocks -> final norm / merger) are made exportable by
+the adapters (``ipcv_adapters.export.TowerForExport``); this module lowers any module it is given.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ __all__ = [
     "BACKENDS",
     "LoweringError",
     "BackendUnavailable",
-    "TowerForExport",
     "auto_dynamic_shapes",
     "export_program",
     "dynamic_dims",
@@ -134,13 +132,19 @@ def _is_static(s) -> bool:
 
 
 def export_program(module: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]] = None, *,
-                   dynamic: bool = True, dynamic_shapes=None) -> "torch.export.ExportedProgram":
+                   dynamic: bool = True, dynamic_shapes=None, decompose: bool = True) -> "torch.export.ExportedProgram":
     """``torch.export.export`` (non-strict) of ``module`` (an IPCVModule's graph is used directly).
 
     Dynamic dims (unless ``dynamic=False`` or ``dynamic_shapes`` is given): for a captured /
     rewritten GraphModule, the dims symbolic in its input metadata (:func:`graph_dynamic_shapes`);
     for any other module, ``Dim.AUTO`` on every dim (:func:`auto_dynamic_shapes`).  ``Dim.AUTO``
-    lets export specialise what the graph fixes (e.g. a packed layout's token count)."""
+    lets export specialise what the graph fixes (e.g. a packed layout's token count).
+
+    ``decompose``: the named ``ipcv.*`` nodes (kept by ``torch.export``) are lowered to the ATen
+    ops they run (:func:`ipcv_compile.ops.decompositions`; every other op stays as exported), so the
+    program — and any artifact saved from it — needs no ipcv to run."""
+    from . import ops
+
     m = graph_of(module)
     kwargs = dict(kwargs or {})
     if dynamic_shapes is None and dynamic:
@@ -156,7 +160,10 @@ def export_program(module: nn.Module, args: Sequence[Any], kwargs: Optional[Dict
             dynamic_shapes = {**{names[i]: s for i, s in enumerate(pos)}, **dynamic_shapes}
     try:
         with torch.no_grad():
-            return torch.export.export(m, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            ep = torch.export.export(m, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            if decompose and ops.has_ipcv_ops(ep.graph):
+                ep = ep.run_decompositions(ops.decompositions())
+        return ep
     except Exception as e:  # pragma: no cover - message enrichment only
         raise LoweringError(f"torch.export failed for {type(m).__name__}: {type(e).__name__}: {e}") from e
 
@@ -177,76 +184,11 @@ def dynamic_dims(ep: "torch.export.ExportedProgram") -> Dict[str, Dict[int, str]
 
 
 # ---------------------------------------------------------------------------------------------
-class TowerForExport(nn.Module):
-    """A whole rewritten tower as an exportable module returning plain tensors.
-
-    ``forward(pixel_values)`` runs ``adapter.prepare`` -> the rewritten block stack for the call's
-    layout -> ``adapter.finish`` and returns ``(last_hidden_state, pooler_output)`` (the non-None
-    ones, as a tuple).
-
-    Batched towers (one image / tile per batch row): everything is traced; batch and image size stay
-    dynamic when exported at a size other than the checkpoint's native one (the position-embedding
-    interpolation branch specialises the native size; ``Lowered.dynamic_dims`` tells).
-
-    Packed towers (several images in one sequence): ``prepare`` is data-dependent on the layout
-    arguments (segment lengths, rotary positions), and the rewritten graph bakes each segment's keep
-    count, so the module is built for one fixed layout (``fixed_kwargs``): the side inputs (rotary
-    cos/sin, block-diagonal mask) are computed once here and stored as buffers, and
-    ``embed(tower, pixel_values)`` (the pixel-dependent part of ``prepare``, supplied by the caller
-    from the adapter's knowledge) runs in the graph.  One file per
-    layout: export it with static shapes (``dynamic=False``).
-    """
-
-    def __init__(self, tower: nn.Module, example: Sequence[Any] = (), fixed_kwargs: Optional[Dict[str, Any]] = None,
-                 embed: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None, vanilla: bool = False):
-        super().__init__()
-        if not hasattr(tower, "adapter") or not hasattr(tower, "graph_for"):
-            raise TypeError(f"TowerForExport expects an ipcv_adapters.IPCVTower, got {type(tower).__name__}")
-        self.tower = tower
-        self.fixed_kwargs = dict(fixed_kwargs or {})
-        self.packed = bool(tower.adapter.packed)
-        self._template = None
-        # vanilla=True: the adapter's plain block stack instead of the rewritten graph (same prepare /
-        # finish, same attention implementation): the baseline for benchmarks of every backend
-        self.vanilla_stack = tower.adapter.block_stack() if vanilla else None
-        if self.packed:
-            if embed is None:
-                raise ValueError(
-                    f"{tower.adapter.name} is a packed tower: TowerForExport needs embed= (the pixel-dependent part of "
-                    "prepare) and fixed_kwargs= (the layout, e.g. grid_thw)"
-                )
-            self.embed = embed
-            with torch.no_grad():
-                prep = tower.adapter.prepare(*example, **self.fixed_kwargs)
-            self._template = prep
-            for i, s in enumerate(prep.side):
-                self.register_buffer(f"side_{i}", s, persistent=False)
-            self.rewritten = self.vanilla_stack if vanilla else tower.graph_for(prep.layout)
-
-    def forward(self, pixel_values: torch.Tensor):
-        ad = self.tower.adapter
-        if self.packed:
-            from dataclasses import replace
-
-            side = tuple(getattr(self, f"side_{i}") for i in range(len(self._template.side)))
-            prep = replace(self._template, hidden=self.embed(self.tower.tower, pixel_values), side=side)
-            hidden = self.rewritten(*prep.stack_inputs)
-        else:
-            prep = ad.prepare(pixel_values, **self.fixed_kwargs)
-            stack = self.vanilla_stack if self.vanilla_stack is not None else self.tower.graph_for(prep.layout)
-            hidden = stack(*prep.stack_inputs)
-        out = ad.finish(hidden, prep)
-        if isinstance(out, tuple):
-            return tuple(t for t in out if isinstance(t, torch.Tensor))
-        return tuple(t for t in (out.last_hidden_state, getattr(out, "pooler_output", None)) if t is not None)
-
-
-# ---------------------------------------------------------------------------------------------
 def lower(module: nn.Module, backend: str, example_inputs: Sequence[Any], *,
           example_kwargs: Optional[Dict[str, Any]] = None, path: Optional[str] = None,
           dynamic: bool = True, dynamic_shapes=None, **options) -> Lowered:
     """Lower ``module`` (an :class:`ipcv_compile.IPCVModule`, a GraphModule or any ``nn.Module``;
-    e.g. :class:`TowerForExport`) to ``backend``.
+    e.g. ``ipcv_adapters.export.TowerForExport``) to ``backend``.
 
     Args:
         backend: one of :data:`BACKENDS`.

@@ -1,22 +1,80 @@
-"""Graph-level composite ops inserted by the rewrite: thin wrappers over ipcv_core's pure functions
-that accept the model's own hidden-state layout (``(B, N, D)``, or packed ``(N, D)`` with
-``token_dim=0``).  Every argument that changes the graph's structure is static (keyword-only), so
-each call traces to a fixed set of ATen ops (torch.export / ONNX / inductor).
+"""The ops the rewrite inserts, registered with ``torch.library`` in the ``ipcv`` namespace:
+``torch.ops.ipcv.prune``, ``.reconstruct``, ``.gather_tokens``, ``.attention_bias``, ``.key_metric``.
+
+Each is a CompositeImplicitAutograd op whose implementation is the ``ipcv_core`` function the
+eager driver runs, so
+
+* the rewritten graph (and ``torch.export`` of it) shows named IPCV nodes — a backend kernel or a
+  TensorRT plugin can target ``ipcv::prune``;
+* ``ExportedProgram.run_decompositions()`` lowers them to ATen (ONNX / pt2 / TensorRT artifacts are
+  saved after decomposition and load without ipcv installed);
+* ``torch.utils.flop_counter`` sees the FLOPs inside (it counts the ATen ops they dispatch to).
+
+Schemas take no dicts or nested tuples: the segment layout and the IPCV config are flattened into
+typed scalars and lists (:func:`layout_args`, :func:`config_args`), so a printed graph reads like
+``ipcv.prune(..., stage=0, retain=0.35, selection='score', ...)``.  Hidden states come in the
+model's own layout (``(B, N, D)``, or packed ``(N, D)`` with ``token_dim=0``).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import dataclasses
+from typing import Any, Dict, List, Sequence
 
 import torch
 
 from ipcv_core.config import IPCVConfig
-from ipcv_core.prune import kept_layout, layout_coords, prune_tokens, stage_keep_counts
-from ipcv_core.reconstruct import ngr, restore
-from ipcv_core.segments import SegmentLayout, plan_segments
-from ipcv_core.selection import gather_rows, is_tracing
+from ipcv_core.prune import PruneOutputs, prune_stage, reconstruct_nested
+from ipcv_core.segments import SegmentLayout
+from ipcv_core.selection import is_tracing
 
-__all__ = ["ipcv_prune", "ipcv_reconstruct", "ipcv_gather_tokens", "ipcv_attention_bias", "ipcv_key_metric"]
+__all__ = ["prune", "reconstruct", "gather_tokens", "attention_bias", "key_metric", "layout_args", "config_args",
+           "RECONSTRUCT_FIELDS", "IPCV_OPS", "decompositions", "has_ipcv_ops"]
+
+_LIB = torch.library.Library("ipcv", "DEF")
+
+_CONFIG_SCHEMA = (
+    "float retain, int prune_layer, int as_depth, int k, str weighting, float similarity_temperature, "
+    "int min_keep, bool reintegrate, str selection, str reconstruction, str merge, int seed, "
+    "int[] stage_layers, float[] stage_retains"
+)
+_LAYOUT_SCHEMA = "int token_dim, int[]? segment_lengths, int protected, int[]? grids, int grid_merge"
+
+#: the fields of each stage that ``ipcv::reconstruct`` takes (flattened, stage after stage)
+RECONSTRUCT_FIELDS = ("x_keep", "x_rem", "keep_idx", "rem_idx", "nbr_idx", "nbr_w")
+
+
+# --------------------------------------------------------------------------------------------- flattening
+def layout_args(layout: SegmentLayout, token_dim: int) -> Dict[str, Any]:
+    """A :class:`SegmentLayout` as the ops' layout keywords."""
+    return dict(
+        token_dim=int(token_dim),
+        segment_lengths=None if layout.lengths is None else list(layout.lengths),
+        protected=int(layout.protected),
+        grids=None if layout.grids is None else [v for hw in layout.grids for v in hw],
+        grid_merge=int(layout.merge),
+    )
+
+
+def _layout(segment_lengths, protected, grids, grid_merge) -> SegmentLayout:
+    g = None if grids is None else tuple(zip(grids[0::2], grids[1::2]))
+    return SegmentLayout(None if segment_lengths is None else tuple(segment_lengths), protected, g, grid_merge)
+
+
+def config_args(cfg: IPCVConfig) -> Dict[str, Any]:
+    """An :class:`IPCVConfig` as the ops' config keywords (``extras`` are not the ops' business)."""
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in ("extras", "stages"):
+            continue
+        out[f.name] = getattr(cfg, f.name)
+    out["stage_layers"] = [int(sl) for sl, _ in cfg.stages]
+    out["stage_retains"] = [float(sr) for _, sr in cfg.stages]
+    return out
+
+
+def _config(stage_layers: Sequence[int], stage_retains: Sequence[float], **fields) -> IPCVConfig:
+    return IPCVConfig(stages=tuple(zip(stage_layers, stage_retains)), **fields)
 
 
 def _bnd(x: torch.Tensor, token_dim: int) -> torch.Tensor:
@@ -32,94 +90,51 @@ def _model_layout(x: torch.Tensor, token_dim: int) -> torch.Tensor:
     return x.squeeze(0) if token_dim == 0 else x
 
 
-def ipcv_prune(
-    x_lp: torch.Tensor,
-    x_prev: torch.Tensor,
-    x0: torch.Tensor,
-    pos_prev: Optional[torch.Tensor],
-    metric: Optional[torch.Tensor] = None,
-    log_size_prev: Optional[torch.Tensor] = None,
-    *,
-    token_dim: int,
-    segment_lengths: Optional[Tuple[int, ...]],
-    protected: int,
-    grids: Optional[Tuple[Tuple[int, int], ...]],
-    merge: int,
-    config: dict,
-    stage_retain: float,
-    prev_retain: float,
-):
-    """One prune stage (:func:`ipcv_core.prune.prune_tokens`) at the input of its block.
-
-    ``x0`` is the block stack's input (its token count is the original one); ``pos_prev`` the
-    original positions of the current rows (None at the first stage); ``metric (B, L, C)`` the
-    bipartite matching metric (:func:`ipcv_key_metric`), ``log_size_prev (B, L)`` the current rows'
-    log sizes from the previous stage (merge variants).  The layout and config come
-    as plain values (tuples / a dict), so the graph's generated code can print them.  Returns
-    ``(x_keep [model layout], x_rem (B,R,D), keep_idx (B,K), rem_idx (B,R), nbr_idx (B,R,k),
-    nbr_w (B,R,k), log_size (B,K), pos (B,K))`` — indices relative to the current rows, ``pos``
-    the original positions of the kept rows; ``log_size`` zeros unless a merge variant is on.
-    """
-    layout = SegmentLayout(segment_lengths, protected, grids, merge)
-    cfg = IPCVConfig(**config)  # (not from_dict: dynamo cannot trace dataclasses.fields)
-    stage_cfg = IPCVConfig(**{**config, "retain": stage_retain, "stages": ()}) if cfg.stages else cfg
-    xb, pb = _bnd(x_lp, token_dim), _bnd(x_prev, token_dim)
-    n0 = x0.shape[token_dim]
-    if pos_prev is None:
-        if not is_tracing() and isinstance(xb.shape[1], int):
-            layout.check_tokens(xb.shape[1])
-        st = prune_tokens(xb, pb, layout, stage_cfg, metric=metric)
-        pos = st.keep_idx
-    else:
-        cur = kept_layout(layout, plan_segments(layout, n0, prev_retain, cfg.min_keep))
-        coords = None
-        if cfg.reconstruction == "spatial":
-            coords = gather_rows(layout_coords(layout, n0, xb.shape[0], xb.device), pos_prev)
-        st = prune_tokens(
-            xb, pb, cur, stage_cfg,
-            keep_counts=stage_keep_counts(layout, n0, stage_retain, cfg.min_keep),
-            positions=pos_prev, coords=coords, metric=metric,
-            sizes=None if log_size_prev is None else torch.exp(log_size_prev),
-        )
-        pos = torch.gather(pos_prev, 1, st.keep_idx)
-    log_size = st.log_size if st.log_size is not None else torch.zeros_like(st.keep_idx, dtype=torch.float32)
-    return (_model_layout(st.h_keep_lp, token_dim), st.h_rem_lp, st.keep_idx, st.rem_idx, st.nbr_idx, st.nbr_w,
-            log_size, pos)
+# --------------------------------------------------------------------------------------------- ops
+_LIB.define(
+    "prune(Tensor x, Tensor x_prev, Tensor x0, Tensor? positions, Tensor? metric, Tensor? log_size, *, "
+    f"int stage, {_LAYOUT_SCHEMA}, {_CONFIG_SCHEMA}) -> "
+    "(Tensor x_keep, Tensor x_rem, Tensor keep_idx, Tensor rem_idx, Tensor nbr_idx, Tensor nbr_w, "
+    "Tensor log_size, Tensor positions, Tensor scores)"
+)
 
 
-def ipcv_key_metric(key: torch.Tensor) -> torch.Tensor:
-    """The bipartite matching metric from an SDPA key input: ``(B, H, L, E)`` -> ``(B, L, E)``
-    (mean over heads), or ``(H, L, E)`` -> ``(1, L, E)``."""
-    if key.dim() == 4:
-        return key.mean(1)
-    if key.dim() == 3:
-        return key.mean(0).unsqueeze(0)
-    raise ValueError(f"attention keys of shape {tuple(key.shape)}: expected (B, H, L, E) or (H, L, E)")
+def _prune(x, x_prev, x0, positions=None, metric=None, log_size=None, *, stage, token_dim, segment_lengths,
+           protected, grids, grid_merge, **config):
+    """Stage ``stage`` of the config's schedule: :func:`ipcv_core.prune.prune_stage` (returns a
+    :class:`~ipcv_core.prune.PruneOutputs`, ``x_keep`` in the model's layout)."""
+    layout = _layout(segment_lengths, protected, grids, grid_merge)
+    cfg = _config(**config)
+    xb = _bnd(x, token_dim)
+    if stage == 0 and not is_tracing() and isinstance(xb.shape[1], int):
+        layout.check_tokens(xb.shape[1])
+    st = prune_stage(xb, _bnd(x_prev, token_dim), _bnd(x0, token_dim), layout, cfg, stage,
+                     positions=positions, metric=metric, log_size=log_size)
+    return tuple(st._replace(x_keep=_model_layout(st.x_keep, token_dim)))
 
 
-def ipcv_attention_bias(mask: Optional[torch.Tensor], log_size: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
-    """SDPA ``attn_mask`` adding ``log(size)`` of every key (proportional attention, ``(B, K)``) to
-    an existing bool / float mask (or none)."""
-    bias = log_size[:, None, None, :].to(dtype)
-    if mask is None:
-        return bias
-    if mask.dtype == torch.bool:
-        return bias.masked_fill(~mask, float("-inf"))
-    return mask.to(dtype) + bias
+_LIB.define("reconstruct(Tensor x_keep, Tensor[] stages, *, int token_dim) -> Tensor")
 
 
-def ipcv_reconstruct(x_keep_l: torch.Tensor, stages: Tuple[Tuple[torch.Tensor, ...], ...], *, token_dim: int) -> torch.Tensor:
-    """NGR (eq. 5) for the removed rows at the current layer, then restore (eq. 7/10), through every
-    prune stage (innermost first): the full sequence in original order, in the model's layout.
-    ``stages``: per stage ``(x_keep_lp, x_rem_lp, keep_idx, rem_idx, nbr_idx, nbr_w)``."""
-    x = _bnd(x_keep_l, token_dim)
-    for x_keep_lp, x_rem_lp, keep_idx, rem_idx, nbr_idx, nbr_w in reversed(stages):
-        rec = ngr(x_rem_lp, _bnd(x_keep_lp, token_dim), x, nbr_idx, nbr_w)
-        x = restore(x, rec, keep_idx, rem_idx)
-    return _model_layout(x, token_dim)
+def _reconstruct(x_keep, stages, *, token_dim):
+    """NGR + restore through every stage (:func:`ipcv_core.prune.reconstruct_nested`): the full
+    sequence in original order, in the model's layout.  ``stages``: per stage the
+    :data:`RECONSTRUCT_FIELDS` tensors, one stage after the other."""
+    n = len(RECONSTRUCT_FIELDS)
+    if len(stages) % n:
+        raise ValueError(f"ipcv::reconstruct takes {n} tensors per stage ({RECONSTRUCT_FIELDS}), got {len(stages)}")
+    sts: List[PruneOutputs] = []
+    pad = (None,) * (len(PruneOutputs._fields) - n)
+    for i in range(0, len(stages), n):
+        st = PruneOutputs._make(tuple(stages[i:i + n]) + pad)
+        sts.append(st._replace(x_keep=_bnd(st.x_keep, token_dim)))
+    return _model_layout(reconstruct_nested(_bnd(x_keep, token_dim), sts), token_dim)
 
 
-def ipcv_gather_tokens(t: torch.Tensor, keep_idx: torch.Tensor, *, dims: Tuple[int, ...], batch: str) -> torch.Tensor:
+_LIB.define("gather_tokens(Tensor t, Tensor keep_idx, *, int[] dims, str batch) -> Tensor")
+
+
+def _gather_tokens(t, keep_idx, *, dims, batch):
     """Keep the rows of ``keep_idx (B, K)`` along each token dim in ``dims`` of a per-token value.
 
     ``batch``: ``"full"`` — ``t``'s dim 0 is the batch (size B), each row uses its own keep list;
@@ -128,6 +143,8 @@ def ipcv_gather_tokens(t: torch.Tensor, keep_idx: torch.Tensor, *, dims: Tuple[i
     """
     if batch not in ("full", "broadcast", "none"):
         raise ValueError(f"batch must be 'full', 'broadcast' or 'none', got {batch!r}")
+    if not dims:
+        raise ValueError("ipcv::gather_tokens needs at least one token dim")
     if batch == "none":
         if not is_tracing() and keep_idx.shape[0] != 1:
             raise ValueError(
@@ -150,3 +167,55 @@ def ipcv_gather_tokens(t: torch.Tensor, keep_idx: torch.Tensor, *, dims: Tuple[i
         size[d] = K
         t = torch.gather(t, d, keep_idx.view(view).expand(size))
     return t
+
+
+_LIB.define("attention_bias(Tensor? mask, Tensor log_size, *, ScalarType dtype) -> Tensor")
+
+
+def _attention_bias(mask, log_size, *, dtype):
+    """SDPA ``attn_mask`` adding ``log(size)`` of every key (proportional attention, ``(B, K)``) to
+    an existing bool / float mask (or none)."""
+    bias = log_size[:, None, None, :].to(dtype, copy=True)
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, float("-inf"))
+    return mask.to(dtype) + bias
+
+
+_LIB.define("key_metric(Tensor key) -> Tensor")
+
+
+def _key_metric(key):
+    """The bipartite matching metric from an SDPA key input: ``(B, H, L, E)`` -> ``(B, L, E)``
+    (mean over heads), or ``(H, L, E)`` -> ``(1, L, E)``."""
+    if key.dim() == 4:
+        return key.mean(1)
+    if key.dim() == 3:
+        return key.mean(0).unsqueeze(0)
+    raise ValueError(f"attention keys of shape {tuple(key.shape)}: expected (B, H, L, E) or (H, L, E)")
+
+
+_IMPLS = {"prune": _prune, "reconstruct": _reconstruct, "gather_tokens": _gather_tokens,
+          "attention_bias": _attention_bias, "key_metric": _key_metric}
+for _name, _fn in _IMPLS.items():
+    _LIB.impl(_name, _fn, "CompositeImplicitAutograd")
+
+prune = torch.ops.ipcv.prune.default
+reconstruct = torch.ops.ipcv.reconstruct.default
+gather_tokens = torch.ops.ipcv.gather_tokens.default
+attention_bias = torch.ops.ipcv.attention_bias.default
+key_metric = torch.ops.ipcv.key_metric.default
+#: every op the rewrite may insert
+IPCV_OPS = (prune, reconstruct, gather_tokens, attention_bias, key_metric)
+
+
+def decompositions() -> Dict[Any, Any]:
+    """``{ipcv op: its implementation}`` — for ``ExportedProgram.run_decompositions``: lowers the
+    IPCV nodes to the ATen ops they run and leaves every other op of the program as exported."""
+    return {getattr(torch.ops.ipcv, name).default: fn for name, fn in _IMPLS.items()}
+
+
+def has_ipcv_ops(graph: torch.fx.Graph) -> bool:
+    return any(n.op == "call_function" and n.target in IPCV_OPS for n in graph.nodes)
+

@@ -18,19 +18,17 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any, Mapping, Tuple
+
+from .counts import _is_int, num_keep, retain_fraction  # noqa: F401  (the K rule, re-exported)
 
 __all__ = ["IPCVConfig", "num_keep", "retain_fraction", "gradual_stages"]
 
 WEIGHTINGS = ("mean", "similarity")
-SELECTIONS = ("score", "random", "stratified", "stratified_random", "bipartite")
-RECONSTRUCTIONS = ("feature", "spatial")
-MERGES = ("none", "size_bias", "average")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _fraction_words(f: float) -> str:
+    return {0.5: "half", 0.25: "a quarter"}.get(f, f"{f:g}")
 
 
 @dataclass(frozen=True)
@@ -118,9 +116,11 @@ class IPCVConfig:
             raise ValueError(f"IPCVConfig.similarity_temperature must be a finite number > 0, got {t!r}")
         if not _is_int(self.min_keep) or self.min_keep < 1:
             raise ValueError(f"IPCVConfig.min_keep must be an int >= 1, got {self.min_keep!r}")
-        for name, allowed in (("selection", SELECTIONS), ("reconstruction", RECONSTRUCTIONS), ("merge", MERGES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"IPCVConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        from . import rules  # the variant rules (validation names the allowed values)
+
+        rules.selection_rule(self.selection)
+        rules.reconstruction_rule(self.reconstruction)
+        rules.merge_rule(self.merge)
         stages = tuple((int(sl), float(sr)) for sl, sr in self.stages)
         object.__setattr__(self, "stages", stages)
         prev_l, prev_r = 0, 1.0 + 1e-12
@@ -143,10 +143,17 @@ class IPCVConfig:
         object.__setattr__(self, "retain", float(r))
         object.__setattr__(self, "extras", dict(self.extras))
 
+    @classmethod
+    def paper(cls, retain: float = 0.35) -> "IPCVConfig":
+        """The paper's method with its published Qwen2-VL defaults (``l_p=3, Δ=7, k=10``, eq. 1
+        selection, mean NGR, no variant) at ``retain``: the reference of ``ipcv tune`` and of the
+        benchmarks."""
+        return cls(retain=retain, prune_layer=3, as_depth=7, k=10)
+
     # ------------------------------------------------------------------ model-dependent validation
     def validate_depth(self, depth: int) -> None:
-        """Check the layer indices against a model with ``depth`` blocks, and (bipartite selection)
-        that no stage removes more than half of its rows (raises ValueError)."""
+        """Check the layer indices against a model with ``depth`` blocks, and that no stage removes
+        more of its rows than the selection rule allows (e.g. half for bipartite; raises ValueError)."""
         if not _is_int(depth) or depth < 2:
             raise ValueError(f"model depth must be an int >= 2 for IPCV, got {depth!r}")
         if self.prune_layer >= depth:
@@ -159,20 +166,41 @@ class IPCVConfig:
                 f"IPCVConfig.as_depth must be in [0, depth - prune_layer] = [0, {depth - self.prune_layer}] "
                 f"for this model (depth {depth}, prune_layer {self.prune_layer}), got {self.as_depth}"
             )
-        self._check_bipartite()
+        self._check_removed_fraction()
 
-    def _check_bipartite(self) -> None:
-        if self.selection != "bipartite":
+    def _check_removed_fraction(self) -> None:
+        rule = self.selection_rule
+        if rule.max_removed_fraction >= 1.0:
             return
+        keep_at_least = 1.0 - rule.max_removed_fraction
         prev = 1.0
         for sr in [sr for _, sr in self.stages] + [self.retain]:
-            if sr * 2 < prev - 1e-12:
+            if sr < keep_at_least * prev - 1e-12:
                 raise ValueError(
-                    "IPCVConfig: a bipartite stage removes at most half of its rows, so each stage's retain "
-                    f"(stages, then retain) must be >= half of the previous one (first vs 1.0); got stages "
-                    f"{list(self.stages)} and retain {self.retain}"
+                    f"IPCVConfig: a {self.selection} stage removes at most {_fraction_words(rule.max_removed_fraction)} "
+                    f"of its rows, so "
+                    f"each stage's retain (stages, then retain) must be >= {keep_at_least:g} x the previous one (first vs "
+                    f"1.0); got stages {list(self.stages)} and retain {self.retain}"
                 )
             prev = sr
+
+    @property
+    def selection_rule(self):
+        from .rules import selection_rule
+
+        return selection_rule(self.selection)
+
+    @property
+    def reconstruction_rule(self):
+        from .rules import reconstruction_rule
+
+        return reconstruction_rule(self.reconstruction)
+
+    @property
+    def merge_rule(self):
+        from .rules import merge_rule
+
+        return merge_rule(self.merge)
 
     @property
     def schedule(self) -> Tuple[Tuple[int, float], ...]:
@@ -187,12 +215,22 @@ class IPCVConfig:
 
     @property
     def needs_grid(self) -> bool:
-        return self.selection.startswith("stratified") or self.reconstruction == "spatial"
+        """The patch grid is needed (grid-aware selection or spatial neighbours)."""
+        return self.selection_rule.needs_grid or self.reconstruction_rule.needs_grid
+
+    @property
+    def needs_key_metric(self) -> bool:
+        """Each stage needs its block's attention keys on the incoming rows."""
+        return self.selection_rule.needs_key_metric
 
     @property
     def as_end(self) -> int:
         """First block after the AS range (``l_p + Δ``)."""
         return self.prune_layer + self.as_depth
+
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
 
     def replace(self, **changes: Any) -> "IPCVConfig":
         return dataclasses.replace(self, **changes)
@@ -249,32 +287,3 @@ def gradual_stages(retain: float, first: int, last: int, front: float = 1.0) -> 
         out.append((first + j - 1, sr))
         prev = sr
     return tuple(out)
-
-
-def retain_fraction(retain: float) -> Fraction:
-    """The exact rational used for ``retain`` (float noise removed: 0.35 -> 7/20)."""
-    return Fraction(retain).limit_denominator(10**6)
-
-
-def num_keep(n: int, retain: float, min_keep: int = 1):
-    """Tokens kept out of ``n`` prunable ones: ``min(n, max(ceil(r*n), min_keep, 1))``.
-
-    ``n`` may be a Python int or a ``torch.SymInt`` (export with a dynamic token dimension): the
-    rounding is integer arithmetic ``(p*n + q - 1) // q`` on ``r = p/q``.  The clamps use
-    ``torch.sym_max/sym_min`` only when needed, so a symbolic ``n`` gives a symbolic expression.
-    """
-    frac = retain_fraction(retain)
-    p, q = frac.numerator, frac.denominator
-    if _is_int(n):
-        if n < 0:
-            raise ValueError(f"segment length must be >= 0, got {n}")
-        if n == 0:
-            return 0
-        return min(n, max((p * n + q - 1) // q, min_keep, 1))
-    import torch
-
-    k = (p * n + q - 1) // q if p != q else n
-    if min_keep > 1:
-        k = torch.sym_min(n, torch.sym_max(k, min_keep))
-    # p/q > 0 and n >= 1 give k >= 1 already; k <= n since p <= q.
-    return k

@@ -32,10 +32,9 @@ from typing import Callable, List, Optional, Protocol, Sequence
 import torch
 
 from .config import IPCVConfig
-from .reconstruct import knn_kept, neighbour_weights, ngr, restore
+from .prune import PruneOutputs, prune_stage, reconstruct_nested, stage_plan
 from .segments import SegmentLayout, SegmentPlan, segment_ids, segment_mask
-from .prune import PruneState, kept_layout, layout_coords, prune_tokens, reconstruct_nested, stage_keep_counts
-from .selection import compact, gather_rows, select_per_segment
+from .selection import compact
 
 __all__ = ["AttnContext", "Block", "Branches", "DriverOutput", "run_blocks", "run_ipcv"]
 
@@ -122,10 +121,10 @@ class DriverOutput:
     nbr_weights: torch.Tensor  # (B, R_last, k)
     scores: torch.Tensor  # (B, N) scores of the first stage
     plan: SegmentPlan  # of the last stage
-    stages: List["PruneState"] = field(default_factory=list)  # every prune stage, in order
+    stages: List[PruneOutputs] = field(default_factory=list)  # every prune stage, in order
 
 
-def _masks(layout: SegmentLayout, n: int, device):
+def _segment_ids(layout: SegmentLayout, n: int, device):
     if layout.num_segments == 1:
         return None
     return segment_ids(layout, n, device).unsqueeze(0)
@@ -134,7 +133,7 @@ def _masks(layout: SegmentLayout, n: int, device):
 def run_blocks(h: torch.Tensor, blocks: Sequence[Block], layout: SegmentLayout | None = None) -> torch.Tensor:
     """The plain block stack (no pruning), through the same branch callables."""
     layout = layout or SegmentLayout()
-    seg = _masks(layout, h.shape[1], h.device)
+    seg = _segment_ids(layout, h.shape[1], h.device)
     ctx = AttnContext(mask=None if seg is None else segment_mask(seg, seg))
     for blk in blocks:
         h = h + blk.attention_branch(h, h, ctx)
@@ -147,57 +146,35 @@ def run_ipcv(
     blocks: Sequence[Block],
     config: IPCVConfig,
     layout: SegmentLayout | None = None,
-    scores_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> DriverOutput:
-    """Run ``blocks`` on ``h (B, N, D)`` with IPCV.
-
-    Args:
-        scores_fn: optional replacement for eq. (1), ``(H_lp, H_(lp-1)) -> (B, N)`` (single-stage).
-    """
+    """Run ``blocks`` on ``h (B, N, D)`` with IPCV (``config.selection`` names the selection rule;
+    other rules are added with :func:`ipcv_core.rules.register_selection`)."""
     if h.dim() != 3:
         raise ValueError(f"hidden states must be (B, N, D), got shape {tuple(h.shape)}")
     layout = layout or SegmentLayout()
-    depth = len(blocks)
-    config.validate_depth(depth)
+    config.validate_depth(len(blocks))
     B, N, D = h.shape
-    as_end = config.as_end
-    schedule = dict(config.schedule)  # layer -> retain
-    seg = _masks(layout, N, h.device)
+    stage_of = {layer: i for i, (layer, _) in enumerate(config.schedule)}
+    seg = _segment_ids(layout, N, h.device)
     seg_full = None if seg is None else seg.expand(B, N)
     ctx = AttnContext(mask=None if seg is None else segment_mask(seg, seg))
-    coords = layout_coords(layout, N, B, h.device) if config.reconstruction == "spatial" and config.stages else None
 
-    stages: List[PruneState] = []
-    pos = None  # (B, K) original positions of the current rows
-    cur_layout = layout
+    stages: List[PruneOutputs] = []
     x, x_prev = h, h
     as_ctx = None
     for li, blk in enumerate(blocks):
-        if li in schedule:
-            r = schedule[li]
-            cfg = config.replace(retain=r, stages=()) if config.stages else config
-            metric = _key_metric(blk, x, pos) if config.selection == "bipartite" else None
-            if scores_fn is not None and not config.stages:
-                st = _prune_with_scores(x, x_prev, layout, config, scores_fn)
-            elif not stages:
-                st = prune_tokens(x, x_prev, layout, cfg, metric=metric)
-            else:
-                prev_size = None if stages[-1].log_size is None else torch.exp(stages[-1].log_size)
-                st = prune_tokens(
-                    x, x_prev, cur_layout, cfg,
-                    keep_counts=stage_keep_counts(layout, N, r, config.min_keep),
-                    positions=pos, coords=None if coords is None else gather_rows(coords, pos),
-                    metric=metric, sizes=prev_size,
-                )
+        if li in stage_of:
+            pos = stages[-1].positions if stages else None
+            metric = _key_metric(blk, x, pos) if config.needs_key_metric else None
+            st = prune_stage(x, x_prev, h, layout, config, stage_of[li], positions=pos, metric=metric,
+                             log_size=stages[-1].log_size if stages else None)
             stages.append(st)
-            cur_layout = kept_layout(cur_layout, st.plan)
-            pos = st.keep_idx if pos is None else torch.gather(pos, 1, st.keep_idx)
-            x = st.h_keep_lp
+            pos, x = st.positions, st.x_keep
             seg_keep = None if seg is None else torch.gather(seg_full, 1, pos)
             ctx = AttnContext(
                 q_pos=pos, kv_pos=pos,
                 mask=None if seg is None else segment_mask(seg_keep, seg_keep),
-                bias=None if st.log_size is None else st.log_size[:, None, None, :],
+                bias=st.log_size[:, None, None, :] if config.merge_rule.tracks_sizes else None,
             )
             if li == config.prune_layer:
                 as_ctx = AttnContext(
@@ -205,28 +182,29 @@ def run_ipcv(
                     mask=None if seg is None else segment_mask(seg_keep, seg_full),
                 )
         x_prev = x
-        if config.prune_layer <= li < as_end:
-            x_full = reconstruct_nested(x, stages)
-            x = x + blk.attention_branch(x, x_full, as_ctx)
+        if config.prune_layer <= li < config.as_end:
+            x = x + blk.attention_branch(x, reconstruct_nested(x, stages), as_ctx)
         else:
             x = x + blk.attention_branch(x, x, ctx)
         x = x + blk.ffn_branch(x)
 
     out = reconstruct_nested(x, stages) if config.reintegrate else x
     last = stages[-1]
+    pos = last.positions
     if len(stages) == 1:
         keep_idx, rem_idx = last.keep_idx, last.rem_idx
     else:
         mask = torch.zeros(B, N, dtype=torch.bool, device=h.device).scatter(1, pos, True)
         keep_idx, rem_idx = compact(mask, pos.shape[1]), compact(~mask, N - pos.shape[1])
-    return DriverOutput(out, keep_idx, rem_idx, last.nbr_idx, last.nbr_w, stages[0].scores, last.plan, stages)
+    plan = stage_plan(layout, config, len(stages) - 1, N)
+    return DriverOutput(out, keep_idx, rem_idx, last.nbr_idx, last.nbr_w, stages[0].scores, plan, stages)
 
 
 def _key_metric(blk, x: torch.Tensor, pos) -> torch.Tensor:
     """The bipartite matching metric: the block's attention keys of rows ``x`` (original positions
     ``pos``, None = all rows), head-averaged."""
-    msg = ("selection='bipartite' in the eager driver needs Block.key_features (the block's attention keys, "
-           "averaged over heads); this block provides none")
+    msg = ("selection needing the attention keys in the eager driver needs Block.key_features (the block's "
+           "attention keys, averaged over heads); this block provides none")
     fn = getattr(blk, "key_features", None)
     if fn is None:
         raise ValueError(msg)
@@ -235,12 +213,3 @@ def _key_metric(blk, x: torch.Tensor, pos) -> torch.Tensor:
     except NotImplementedError as e:
         raise ValueError(msg) from e
 
-
-def _prune_with_scores(h, h_prev, layout, config, scores_fn) -> PruneState:
-    """The paper's prune step with a caller-supplied score (eq. 1 replaced)."""
-    scores = scores_fn(h, h_prev)
-    keep_idx, rem_idx, plan = select_per_segment(scores, layout, config.retain, config.min_keep)
-    h_keep, h_rem = gather_rows(h, keep_idx), gather_rows(h, rem_idx)
-    nbr_idx, valid = knn_kept(h_rem, h_keep, plan, config.k)
-    w = neighbour_weights(h_rem, h_keep, nbr_idx, valid, config.weighting, config.similarity_temperature)
-    return PruneState(keep_idx, rem_idx, h_keep, h_rem, nbr_idx, w, None, scores, plan)

@@ -1,128 +1,153 @@
-"""The prune step at the input of block ``l_p`` as one function, shared by the eager driver and
-the graph rewrite (so both run exactly the same computation): score, select per segment, find
-neighbours, NGR weights, and (variants) absorption sizes / merged values."""
+"""One prune stage as one function, :func:`prune_stage`, shared by the eager driver and the graph
+rewrite's ``ipcv::prune`` op (so both run exactly the same computation): derive the current rows'
+layout from the schedule, score them (the config's selection rule), select per segment, find
+neighbours (the reconstruction rule), NGR weights, and (merge rules) absorption sizes and merged
+values.  :func:`reconstruct_nested` is the matching way back: NGR + restore through every stage.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 from .config import IPCVConfig
-from .reconstruct import knn_kept, neighbour_weights
+from .reconstruct import knn_kept, neighbour_weights, ngr, restore
+from .rules import ScoreInputs
 from .segments import SegmentLayout, SegmentPlan, plan_segments
-from .selection import feature_difference_score, gather_rows, select_per_segment
-from .variants import absorb_sizes, bipartite_scores, grid_coords, hash_of, hash_scores, merge_average, normalise_metric
+from .selection import gather_rows, select_per_segment
+from .variants import absorb_sizes, grid_coords, merge_average, normalise_metric
 
-__all__ = ["PruneState", "prune_tokens", "kept_layout", "stage_keep_counts", "reconstruct_nested", "layout_coords"]
+__all__ = ["PruneOutputs", "prune_stage", "stage_plan", "stage_layout", "reconstruct_nested", "layout_coords"]
 
 
-@dataclass
-class PruneState:
-    keep_idx: torch.Tensor  # (B, K) original positions, ascending
-    rem_idx: torch.Tensor  # (B, R)
-    h_keep_lp: torch.Tensor  # (B, K, D) kept rows at l_p (merged values with merge="average")
-    h_rem_lp: torch.Tensor  # (B, R, D)
+class PruneOutputs(NamedTuple):
+    """What one prune stage produces (the tensors of the ``ipcv::prune`` op, in this order).
+
+    Indices ``keep_idx`` / ``rem_idx`` / ``nbr_idx`` refer to the stage's incoming rows (the kept
+    list for ``nbr_idx``); ``positions`` are the kept rows' ORIGINAL positions."""
+
+    x_keep: torch.Tensor  # (B, K, D) kept rows at the stage (merged values with merge="average")
+    x_rem: torch.Tensor  # (B, R, D) removed rows at the stage
+    keep_idx: torch.Tensor  # (B, K) ascending
+    rem_idx: torch.Tensor  # (B, R) ascending
     nbr_idx: torch.Tensor  # (B, R, k) into the kept list
-    nbr_w: torch.Tensor  # (B, R, k) NGR weights (sum to 1)
-    log_size: Optional[torch.Tensor]  # (B, K) log of absorbed sizes (merge variants), else None
-    scores: torch.Tensor  # (B, N)
-    plan: SegmentPlan
+    nbr_w: torch.Tensor  # (B, R, k) NGR weights (sum to 1 over valid neighbours)
+    log_size: torch.Tensor  # (B, K) log of the rows' sizes (zeros unless the merge rule tracks sizes)
+    positions: torch.Tensor  # (B, K) original positions of the kept rows
+    scores: torch.Tensor  # (B, L) the selection scores of the incoming rows
 
 
-def _coords(layout: SegmentLayout, plan: SegmentPlan, B: int, device) -> torch.Tensor:
-    lengths = [s.length for s in plan.segments]
-    grids = layout.grids if layout.grids is not None else None
-    if grids is None:
-        layout.segment_grid(0)  # raises the "needs the patch grid" error
-    c = grid_coords(grids, lengths, layout.protected, device, layout.merge)
+def layout_coords(layout: SegmentLayout, n_tokens, B: int, device) -> torch.Tensor:
+    """``(B, N, 2)`` grid coordinates of every token of the original layout."""
+    plan = plan_segments(layout, n_tokens, 1.0)
+    layout.segment_grid(0)  # raises the "needs the patch grid" error when there is none
+    c = grid_coords(layout.grids, [s.length for s in plan.segments], layout.protected, device, layout.merge)
     return c.unsqueeze(0).expand(B, -1, -1)
 
 
-def prune_tokens(
+def _retains(config: IPCVConfig, stage: int):
+    sched = config.schedule
+    if not 0 <= stage < len(sched):
+        raise ValueError(f"stage must be in [0, {len(sched) - 1}] for this schedule, got {stage}")
+    return sched[stage][1], (sched[stage - 1][1] if stage else 1.0)
+
+
+def stage_layout(layout: SegmentLayout, config: IPCVConfig, stage: int, n_tokens) -> SegmentLayout:
+    """The layout of the rows entering ``stage``: the original layout at stage 0; afterwards the
+    protected + kept rows of each segment at the previous stage (no grid any more)."""
+    if stage == 0:
+        return layout
+    _, prev = _retains(config, stage)
+    if layout.lengths is None:
+        return SegmentLayout(None, layout.protected)
+    before = plan_segments(layout, n_tokens, prev, config.min_keep)
+    return SegmentLayout(tuple(s.protected + s.keep for s in before.segments), layout.protected)
+
+
+def stage_plan(layout: SegmentLayout, config: IPCVConfig, stage: int, n_tokens) -> SegmentPlan:
+    """The static plan of ``stage`` over its incoming rows.  Every ratio is relative to the ORIGINAL
+    token counts: stage ``s`` keeps ``num_keep(n, retain_s)`` of each original segment of ``n``."""
+    retain, prev = _retains(config, stage)
+    if stage == 0:
+        return plan_segments(layout, n_tokens, retain, config.min_keep)
+    before = plan_segments(layout, n_tokens, prev, config.min_keep)
+    counts = [s.keep for s in plan_segments(layout, n_tokens, retain, config.min_keep).segments]
+    return plan_segments(stage_layout(layout, config, stage, n_tokens), before.n_keep, retain, config.min_keep, counts)
+
+
+def prune_stage(
     h: torch.Tensor,
     h_prev: torch.Tensor,
+    x0: torch.Tensor,
     layout: SegmentLayout,
     config: IPCVConfig,
+    stage: int,
     *,
-    keep_counts=None,
     positions: Optional[torch.Tensor] = None,
-    coords: Optional[torch.Tensor] = None,
     metric: Optional[torch.Tensor] = None,
-    sizes: Optional[torch.Tensor] = None,
-) -> PruneState:
-    """``h = H_lp``, ``h_prev = H_(lp-1)``, both ``(B, N, D)``.
+    log_size: Optional[torch.Tensor] = None,
+) -> PruneOutputs:
+    """Stage ``stage`` of ``config.schedule`` at the input of its block.
 
-    Later stages of a multi-stage schedule pass ``keep_counts`` (prunable tokens to keep per
-    segment), ``positions (B, N)`` (original positions of the rows, for hashed scores) and
-    ``coords (B, N, 2)`` (grid coordinates of the rows, for spatial neighbours); their rows no longer
-    form a grid, so stratified selections fall back to the plain top-K of their score.
-
-    ``metric (B, N, C)``: the matching metric of ``selection="bipartite"`` (required there; with
-    ``reconstruction="feature"`` the neighbour search uses it too, by cosine).  ``sizes (B, N)``:
-    how many original tokens each row stands for (merge variants, later stages); None = all 1.
+    Args:
+        h, h_prev: ``(B, L, D)`` the rows entering the stage's block and the previous block (for
+            eq. 1); at stage 0 ``L = N``, the original token count.
+        x0: ``(B, N, D)`` the block stack's input (its token count is the original one).
+        layout: the ORIGINAL segment layout.
+        positions: ``(B, L)`` original positions of the incoming rows (None at stage 0).
+        metric: ``(B, L, C)`` the block's attention keys of the incoming rows, head-averaged
+            (selection rules with ``needs_key_metric``; with ``reconstruction="feature"`` neighbours
+            are then searched by cosine of the same keys).
+        log_size: ``(B, L)`` log sizes of the incoming rows from the previous stage (merge rules).
     """
-    B, N, _ = h.shape
-    plan = plan_segments(layout, N, config.retain, config.min_keep, keep_counts)
+    B, L, _ = h.shape
+    N = x0.shape[1]
+    first = stage == 0
+    if first and positions is not None:
+        raise ValueError("prune_stage: stage 0 takes no positions (the rows are the original ones)")
+    if not first and positions is None:
+        raise ValueError(f"prune_stage: stage {stage} needs the incoming rows' original positions")
+    sel = config.selection_rule.at_stage(stage)
+    cur = stage_layout(layout, config, stage, N)
+    plan = stage_plan(layout, config, stage, N)
+    pos_in = positions if positions is not None else torch.arange(L, device=h.device).unsqueeze(0).expand(B, L)
     unit = None if metric is None else normalise_metric(metric)  # cosine via unit rows, computed once
-    if config.selection in ("random", "stratified_random"):
-        if positions is None:
-            scores = hash_scores(N, config.seed, h.device).unsqueeze(0).expand(B, N)
-        else:
-            scores = hash_of(positions, config.seed)
-    elif config.selection == "bipartite":
-        if metric is None:
-            raise ValueError("selection='bipartite' needs the matching metric (the block's attention keys)")
-        scores = bipartite_scores(unit, plan)
-    else:
-        scores = feature_difference_score(h, h_prev)
-    strategy = "stratified" if config.selection.startswith("stratified") and positions is None else "topk"
-    keep_idx, rem_idx, plan = select_per_segment(scores, layout, config.retain, config.min_keep, plan, strategy)
-    h_keep = gather_rows(h, keep_idx)
-    h_rem = gather_rows(h, rem_idx)
-    if config.reconstruction == "spatial":
-        c = _coords(layout, plan, B, h.device) if coords is None else coords
+    if sel.needs_key_metric and unit is None:
+        raise ValueError(f"selection={config.selection!r} needs the matching metric (the block's attention keys)")
+    scores = sel.score(ScoreInputs(h, h_prev, pos_in, unit, x0, plan, config.seed))
+    strategy = "stratified" if (sel.grouped and first) else "topk"
+    retain, _ = _retains(config, stage)
+    keep_idx, rem_idx, plan = select_per_segment(scores, cur, retain, config.min_keep, plan, strategy)
+    h_keep, h_rem = gather_rows(h, keep_idx), gather_rows(h, rem_idx)
+    if config.reconstruction_rule.needs_grid:
+        c = layout_coords(layout, N, B, h.device)
+        c = c if first else gather_rows(c, positions)
         nbr_idx, valid = knn_kept(gather_rows(c, rem_idx), gather_rows(c, keep_idx), plan, config.k)
     elif unit is not None:
         nbr_idx, valid = knn_kept(gather_rows(unit, rem_idx), gather_rows(unit, keep_idx), plan, config.k)
     else:
         nbr_idx, valid = knn_kept(h_rem, h_keep, plan, config.k)
     w = neighbour_weights(h_rem, h_keep, nbr_idx, valid, config.weighting, config.similarity_temperature)
-    log_size = None
-    if config.merge != "none":
+    merge = config.merge_rule
+    if merge.tracks_sizes:
+        sizes = None if log_size is None else torch.exp(log_size)
         s_keep = None if sizes is None else gather_rows(sizes.unsqueeze(-1), keep_idx).squeeze(-1)
         s_rem = None if sizes is None else gather_rows(sizes.unsqueeze(-1), rem_idx).squeeze(-1)
         new_sizes = absorb_sizes(nbr_idx, valid, h_keep.shape[1], s_keep, s_rem)
-        if config.merge == "average":
+        if merge.averages:
             h_keep = merge_average(h_keep, h_rem, nbr_idx, new_sizes, s_keep, s_rem)
-        log_size = torch.log(new_sizes)
-    return PruneState(keep_idx, rem_idx, h_keep, h_rem, nbr_idx, w, log_size, scores, plan)
+        out_log_size = torch.log(new_sizes)
+    else:
+        out_log_size = torch.zeros(keep_idx.shape, dtype=torch.float32, device=h.device)
+    pos = keep_idx if first else torch.gather(positions, 1, keep_idx)
+    return PruneOutputs(h_keep, h_rem, keep_idx, rem_idx, nbr_idx, w, out_log_size, pos, scores)
 
 
-def kept_layout(layout: SegmentLayout, plan: SegmentPlan) -> SegmentLayout:
-    """The layout of a kept list (protected + kept rows per segment; no grid any more)."""
-    if layout.lengths is None:
-        return SegmentLayout(None, layout.protected)
-    return SegmentLayout(tuple(s.protected + s.keep for s in plan.segments), layout.protected)
-
-
-def stage_keep_counts(layout: SegmentLayout, n_tokens, retain: float, min_keep: int):
-    """Prunable tokens kept per segment at a stage with ``retain`` (of the ORIGINAL counts)."""
-    return [s.keep for s in plan_segments(layout, n_tokens, retain, min_keep).segments]
-
-
-def layout_coords(layout: SegmentLayout, n_tokens, B: int, device) -> torch.Tensor:
-    """``(B, N, 2)`` grid coordinates of every token of the original layout."""
-    return _coords(layout, plan_segments(layout, n_tokens, 1.0), B, device)
-
-
-def reconstruct_nested(x_keep: torch.Tensor, stages) -> torch.Tensor:
-    """NGR + restore through every stage, innermost (last) first: kept rows of the last stage ->
-    the full original sequence."""
-    from .reconstruct import ngr, restore
-
+def reconstruct_nested(x_keep: torch.Tensor, stages: Sequence[PruneOutputs]) -> torch.Tensor:
+    """NGR + restore through every stage, innermost (last) first: the kept rows of the last stage
+    at the current layer -> the full original sequence (eqs. 5, 7/10)."""
     x = x_keep
     for st in reversed(list(stages)):
-        x = restore(x, ngr(st.h_rem_lp, st.h_keep_lp, x, st.nbr_idx, st.nbr_w), st.keep_idx, st.rem_idx)
+        x = restore(x, ngr(st.x_rem, st.x_keep, x, st.nbr_idx, st.nbr_w), st.keep_idx, st.rem_idx)
     return x

@@ -30,7 +30,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .config import num_keep
+from .counts import num_keep
 
 __all__ = ["SegmentLayout", "SegmentSpec", "SegmentPlan", "plan_segments", "segment_ids", "segment_mask"]
 

@@ -27,7 +27,7 @@ def results():
     """One capture, one rewrite per retain ratio, one forward each (2 images, 448 px)."""
     import ipcv_compile
     from ipcv_adapters.dinov2 import load_dinov2
-    from ipcv_adapters.images import list_images, load_images
+    from ipcv_adapters.app.images import list_images, load_images
 
     model = load_dinov2(WEIGHTS)
     x = load_images(list_images(IMAGES, 2), 448)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ipcv_core import AttnContext, num_keep, run_blocks
-from ipcv_core.baselines import (
+from benchmarks.baselines import (
     MergeTracker,
     bipartite_soft_matching,
     dart_keep_mask,
@@ -17,7 +17,7 @@ from ipcv_core.baselines import (
     merge_wavg,
     new_positions,
 )
-from ipcv_core.methods import METHODS, run_dart, run_ipcv_method, run_prune, run_tofu, run_tome
+from benchmarks.methods import METHODS, run_dart, run_ipcv_method, run_prune, run_tofu, run_tome
 from ipcv_core.testing import SyntheticViT, ViTSpec, make_inputs
 
 SPEC = ViTSpec(dim=32, depth=6, heads=4, layerscale=True)

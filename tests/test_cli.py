@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from ipcv_adapters.cli import main
+from ipcv_adapters.app.cli import main
 
 pytest.importorskip("transformers")
 
@@ -107,7 +107,7 @@ def test_trt_without_torch_tensorrt_checks_then_exits_3(capsys, tmp_path):
 
 
 def test_console_entry_point_and_demo_alias():
-    r = subprocess.run([sys.executable, "-m", "ipcv_adapters.cli", "--help"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "ipcv_adapters.app.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "export" in r.stdout and "trt-check" in r.stdout
     with pytest.raises(SystemExit) as e:
         main(["demo", "--help"])

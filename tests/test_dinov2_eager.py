@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(WEIGHTS), reason="real DINOv2-
 @pytest.fixture(scope="module")
 def model_and_images():
     from ipcv_adapters.dinov2 import load_dinov2
-    from ipcv_adapters.images import list_images, load_images
+    from ipcv_adapters.app.images import list_images, load_images
 
     return load_dinov2(WEIGHTS), load_images(list_images(IMAGES, 2), 224)
 

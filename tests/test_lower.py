@@ -11,7 +11,8 @@ import torch
 
 from ipcv_compile import BACKENDS, LocateSpec, capture, lower, rewrite_graph
 from ipcv_compile.backends.inductor import compile_target
-from ipcv_compile.lower import BackendUnavailable, TowerForExport
+from ipcv_compile.lower import BackendUnavailable
+from ipcv_adapters.export import TowerForExport
 from ipcv_core import IPCVConfig, SegmentLayout
 from ipcv_core.testing import SyntheticViT, ViTSpec, make_inputs
 

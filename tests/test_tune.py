@@ -4,13 +4,14 @@ and its output round-trips into rewrite()."""
 import torch
 
 from ipcv_compile import LocateSpec, rewrite
-from ipcv_compile.tune import PAPER, config_flops, tune
+from ipcv_core.cost import ModelDims, config_flops
+from ipcv_core.search import tune
 from ipcv_core import IPCVConfig, run_ipcv
 from ipcv_core.testing import SyntheticViT, ViTSpec, make_inputs
 
 
 def test_flops_model_orders_configs():
-    kw = dict(n_tokens=1025, protected=1, depth=12, dim=384, ffn_params=2 * 384 * 1536)
+    kw = dict(n_tokens=1025, protected=1, depth=12, dims=ModelDims(384, 1536))
     van = config_flops(None, **kw)
     paper = config_flops(IPCVConfig(retain=0.5), **kw)
     later = config_flops(IPCVConfig(retain=0.5, prune_layer=6, as_depth=0), **kw)
@@ -32,7 +33,7 @@ def test_search_respects_budget_and_improves():
         return (cfg.prune_layer + 0.3 * cfg.as_depth) / (3 + 0.3 * 7)
 
     res = tune(fid, cost, retain=0.35, depth=12)
-    assert res.reference == IPCVConfig(retain=0.35, **PAPER)
+    assert res.reference == IPCVConfig.paper(0.35)
     assert cost(res.best) <= 1.0
     assert fid(res.best) > fid(res.reference)
     assert res.best.reconstruction == "spatial" and res.best.weighting == "similarity" and res.best.k == 6
@@ -67,7 +68,7 @@ def test_merge_family_is_searched_within_budget():
     """A synthetic objective that prefers gradual merging with k=3 and an early first stage; its
     cost rises with how back-loaded the schedule is.  The tuner must find the merge family, stay
     in budget (which rules out front=1.2) and return a config that validates for the depth."""
-    from ipcv_compile.tune import merge_family_config
+    from ipcv_core.search import merge_family_config
 
     def fid(cfg):
         if cfg.selection != "bipartite":
@@ -95,7 +96,7 @@ def test_reference_measured_over_budget_does_not_stop_the_search():
         return 0.5 + (0.1 if cfg.selection == "random" else 0.0)
 
     def cost(cfg):
-        return 1.1 if cfg == IPCVConfig(retain=0.35, **PAPER) else 0.9
+        return 1.1 if cfg == IPCVConfig.paper(0.35) else 0.9
 
     res = tune(fid, cost, retain=0.35, depth=12, families=("prune",))
     assert res.best.selection == "random"

@@ -5,7 +5,7 @@ import torch
 
 from ipcv_compile import LocateSpec, capture, rewrite_graph
 from ipcv_core import IPCVConfig, SegmentLayout, run_ipcv
-from ipcv_core.prune import prune_tokens
+from ipcv_core.prune import prune_stage
 from ipcv_core.testing import SyntheticViT, ViTSpec, make_inputs
 from ipcv_core.variants import absorb_sizes, hash_scores, merge_average, zorder_groups
 
@@ -39,7 +39,7 @@ def test_stratified_selection_covers_every_group():
     layout = SegmentLayout.packed((1 + 64, 1 + 30), protected=1, grids=((8, 8), (5, 6)))
     h = torch.randn(2, 96, 8)
     cfg = IPCVConfig(retain=0.25, prune_layer=1, as_depth=0, selection="stratified", k=2)
-    st = prune_tokens(h, h * 0.5, layout, cfg)
+    st = prune_stage(h, h * 0.5, h, layout, cfg, 0)
     scores = st.scores
     for b in range(2):
         keep = set(st.keep_idx[b].tolist())
@@ -59,7 +59,7 @@ def test_spatial_neighbours_are_grid_nearest_kept_tokens():
     layout = SegmentLayout.batched(protected=1, grid=(6, 7))
     h = torch.randn(1, 43, 8)
     cfg = IPCVConfig(retain=0.3, prune_layer=1, as_depth=0, reconstruction="spatial", k=3)
-    st = prune_tokens(h, torch.zeros_like(h), layout, cfg)
+    st = prune_stage(h, torch.zeros_like(h), h, layout, cfg, 0)
     keep, rem = st.keep_idx[0].tolist(), st.rem_idx[0].tolist()
     coord = lambda p: ((p - 1) // 7, (p - 1) % 7)
     for i, rp in enumerate(rem):
@@ -89,8 +89,8 @@ def test_reference_mode_is_default():
     with pytest.raises(ValueError, match="IPCVConfig.selection"):
         IPCVConfig(selection="best")
     with pytest.raises(ValueError, match="patch grid"):
-        prune_tokens(torch.randn(1, 10, 4), torch.randn(1, 10, 4), SegmentLayout(),
-                     IPCVConfig(selection="stratified", prune_layer=1))
+        x = torch.randn(1, 10, 4)
+        prune_stage(x, torch.randn(1, 10, 4), x, SegmentLayout(), IPCVConfig(selection="stratified", prune_layer=1), 0)
 
 
 SPEC = LocateSpec(blocks="blocks", attention="attn", ffn="mlp")
@@ -177,7 +177,7 @@ def test_benchmark_variant_runner_and_rows():
     """The harness's variant rows run any IPCVConfig (square grid inferred) and the tuned configs
     written by `ipcv tune` load as rows."""
     from benchmarks import run as bench
-    from ipcv_core.methods import METHODS
+    from benchmarks.methods import METHODS
 
     spec = ViTSpec(depth=4)
     m = SyntheticViT(spec).eval()
@@ -199,8 +199,8 @@ def test_benchmark_variant_runner_and_rows():
 # ----------------------------------------------------------------------------- gradual bipartite merging
 def test_bipartite_selection_removes_what_tome_matching_removes():
     """One bipartite stage removes exactly the A tokens ToMe's bipartite soft matching merges away
-    (an independent implementation in ipcv_core.baselines), per segment, and keeps every B token."""
-    from ipcv_core.baselines.merging import bipartite_soft_matching
+    (an independent implementation in benchmarks.baselines), per segment, and keeps every B token."""
+    from benchmarks.baselines.merging import bipartite_soft_matching
     from ipcv_core.segments import plan_segments
     from ipcv_core.variants import bipartite_scores, normalise_metric
 
@@ -209,7 +209,8 @@ def test_bipartite_selection_removes_what_tome_matching_removes():
     metric = torch.randn(2, P + n, 6)
     layout = SegmentLayout.batched(P)
     cfg = IPCVConfig(retain=(n - r) / n, prune_layer=1, as_depth=0, selection="bipartite", k=1)
-    st = prune_tokens(torch.randn(2, P + n, 8), torch.zeros(2, P + n, 8), layout, cfg, metric=metric)
+    x = torch.randn(2, P + n, 8)
+    st = prune_stage(x, torch.zeros(2, P + n, 8), x, layout, cfg, 0, metric=metric)
     m = bipartite_soft_matching(metric, r, P)
     for b in range(2):
         removed = sorted(st.rem_idx[b].tolist())

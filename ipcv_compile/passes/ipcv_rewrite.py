@@ -1,40 +1,39 @@
-"""The IPCV rewrite pass (one pass, one file).
+"""The IPCV rewrite pass (one pass, one file): a ``torch.fx`` :class:`PassBase`.
 
-Input: a captured GraphModule (dynamic token dimension) and its :class:`GraphMap` from
-:func:`ipcv_compile.locate.locate`.  Output: the same GraphModule, rewritten in place:
+``IPCVRewritePass(gmap, config, layout)(gm)`` rewrites a captured GraphModule (dynamic token
+dimension) in place, given its :class:`~ipcv_compile.locate.GraphMap` (from
+:func:`ipcv_compile.locate.locate` on the same ``gm``).  ``requires`` checks that the located
+structure belongs to ``gm`` and fits the config's depth; ``ensures`` checks the result: lint, no
+reshape or op in a rewritten block still reads the stale token count, and (``check_rows``) the rows
+every block's attention and FFN see, by fake-tensor propagation at the example sizes.
 
-* at the input of block ``l_p``: one ``ipcv_prune`` call (score eq. 1, per-segment top-K,
-  same-segment kNN) and, for every per-token side input used by the blocks after the AS range,
-  one ``ipcv_gather_tokens`` call;
-* blocks ``>= l_p`` take the kept rows as their residual stream;
-* AS blocks ``[l_p, l_p+Δ)``: ``ipcv_reconstruct`` (NGR + restore) builds the full sequence, which
-  feeds a copy of the path from the block input to the attention input (the pre-attention norm),
-  so keys/values come from all rows; each SDPA node's query (and its mask's query rows) is gathered
-  to the kept rows, so the attention core computes ``K`` queries and everything after it — out
-  projection, residual, FFN — runs on ``K`` rows;
-* blocks ``>= l_p+Δ`` use the gathered side inputs;
-* after the last block: ``ipcv_reconstruct`` restores the full length and order for the consumers
-  of the block stack's output (final norm, merger, ...).
+``call`` walks the blocks from the first prune stage on, with one :class:`Cursor` (the current
+rows, the stages so far, the side inputs gathered to the current rows) and small named steps:
 
-With a multi-stage schedule (``IPCVConfig.stages``) every stage inserts its own ``ipcv_prune`` on
-the current rows, blocks between stages run on that stage's rows with side inputs gathered to them,
-and reconstruction goes through every stage, innermost first.  Merge variants add ``log(size)``
-(sizes accumulated over stages) to the attention of every non-AS block after the first stage.
-``selection="bipartite"`` needs each stage's block keys on the rows entering it: every node of the
-block that the SDPA key depends on is copied before the stage, reading the incoming rows (and side
-inputs gathered to them), and ``ipcv_key_metric`` averages the heads — for a fused qkv projection
-the copy computes q and v too (the cost of one projection of the incoming rows per stage).
+* :func:`insert_stage` — at the input of a stage's block: one ``ipcv.prune`` (score, per-segment
+  top-K, same-segment kNN; :func:`ipcv_core.prune.prune_stage`), for key-metric selection rules the
+  block's key path copied onto the incoming rows + ``ipcv.key_metric``; then
+  :func:`gather_side_inputs` gathers every per-token side input (rotary cos/sin, masks) that the
+  stage's kept-row blocks use, once, to the kept rows (``ipcv.gather_tokens``);
+* :func:`feed_residual` — the block's residual stream becomes the current rows;
+* :func:`narrow_attention` (AS blocks ``[l_p, l_p+Δ)``) — ``ipcv.reconstruct`` (NGR + restore)
+  builds the full sequence, which feeds a copy of the path from the block input to the attention
+  input (the pre-attention norm), so keys/values come from all rows; each SDPA's query (and its
+  mask's query rows) is gathered to the kept rows, so the attention core computes ``K`` queries and
+  everything after it — out projection, residual, FFN — runs on ``K`` rows;
+* :func:`use_side_inputs` (other blocks after a stage) — the gathered side inputs replace the full ones;
+* :func:`size_bias` (merge rules tracking sizes) — ``ipcv.attention_bias`` adds ``log(size)`` to
+  every SDPA of a non-AS block after the first stage (proportional attention);
+* :func:`follow_token_count` — export reads the token count once (``sym_size`` of an input) and
+  feeds it to every reshape; after the prune point that count is wrong for kept rows.  Each
+  reshape in a rewritten block whose shape has exactly one element derived from the token count
+  gets ``-1`` there instead, so it follows whatever row count reaches it;
+* :func:`reintegrate` — after the last block, ``ipcv.reconstruct`` restores the full length and
+  order for the consumers of the block stack's output (final norm, merger, ...).
 
-Sizes: export reads the token count once (``sym_size`` of an input) and feeds it to every reshape;
-after the prune point that count is wrong for kept rows.  Each reshape/view in a rewritten block
-whose shape has exactly one element derived from the token count gets ``-1`` there instead, so it
-follows whatever row count reaches it (kept rows or the full sequence).  Any other op in those
-blocks that takes a token-count-derived size raises :class:`RewriteError`.
-
-Then: dead-code elimination, ``graph.lint()``, ``recompile()``; with ``refresh=True`` also
-fake-tensor propagation so every node's ``meta["val"]`` shows its new (symbolic) shape (slow on
-deep towers: seconds; by default it is deferred to ``IPCVModule.refresh_meta()``, which the
-summary and the TensorRT check call).
+Then dead-code elimination, ``graph.lint()``, ``recompile()``.  ``node.meta["val"]`` keeps the
+captured shapes until ``IPCVModule.refresh_meta()`` (symbolic fake-tensor propagation, seconds on
+deep towers) or ``refresh=True``.
 """
 
 from __future__ import annotations
@@ -42,19 +41,21 @@ from __future__ import annotations
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ipcv_core.config import IPCVConfig
+from ipcv_core.prune import PruneOutputs, stage_plan
 from ipcv_core.segments import SegmentLayout
 
 from .. import ops as ipcv_ops
-from ..graph_utils import PassResult, clean_up, refresh_meta
-from ..locate import GraphMap, descendants_within, token_symbol_dims
+from ..graph_utils import clean_up, probe_shapes, refresh_meta
+from ..locate import BlockInfo, GraphMap, descendants_within, token_symbol_dims
 
-__all__ = ["IPCVRewritePass", "RewriteError", "RewriteReport"]
+__all__ = ["IPCVRewritePass", "RewriteError", "RewriteReport", "Cursor", "expected_rows"]
 
 _RESHAPES = {
     torch.ops.aten.view.default,
@@ -69,12 +70,57 @@ class RewriteError(RuntimeError):
 
 @dataclass
 class RewriteReport:
-    inserted: Counter = field(default_factory=Counter)  # op name -> count of inserted nodes
+    inserted: Counter = field(default_factory=Counter)  # kind of inserted node -> count
     sizes_repointed: List[str] = field(default_factory=list)
     side_inputs: Dict[str, tuple] = field(default_factory=dict)
     query_gathers: int = 0
     pre_attention_copies: int = 0
-    key_copies: int = 0  # nodes copied to compute the bipartite metric (keys before a stage)
+    key_copies: int = 0  # nodes copied to compute the key metric (keys before a stage)
+
+
+# --------------------------------------------------------------------------------------------- cursor
+@dataclass
+class Cursor:
+    """Where the rewrite stands while it walks the blocks."""
+
+    g: fx.Graph
+    gmap: GraphMap
+    config: IPCVConfig
+    layout: SegmentLayout
+    report: RewriteReport
+    rows: fx.Node  # the residual stream entering the current block, as rewritten
+    prev_rows: fx.Node  # ... entering the previous block (eq. 1 reads both)
+    stages: List[Dict[str, fx.Node]] = field(default_factory=list)  # per stage: PruneOutputs field -> node
+    gathered: Dict[fx.Node, fx.Node] = field(default_factory=dict)  # side input -> at the current rows
+    copies: Dict[int, List[fx.Node]] = field(default_factory=dict)  # block -> nodes the rewrite copied into it
+
+    def block_nodes(self, blk: BlockInfo) -> List[fx.Node]:
+        """The block's own nodes and the ones the rewrite copied into it."""
+        return list(blk.nodes) + self.copies.get(blk.index, [])
+
+    @property
+    def positions(self) -> Optional[fx.Node]:
+        return self.stages[-1]["positions"] if self.stages else None
+
+    @property
+    def log_size(self) -> Optional[fx.Node]:
+        return self.stages[-1]["log_size"] if self.stages else None
+
+    def order(self) -> Dict[fx.Node, int]:
+        return {n: i for i, n in enumerate(self.g.nodes)}
+
+    def call(self, op, args, kwargs=None, name: Optional[str] = None, kind: Optional[str] = None) -> fx.Node:
+        """Insert ``op(*args, **kwargs)`` at the graph's insertion point, counted in the report
+        (``kind``: the report's name for it, default ``ipcv_<op>``)."""
+        n = self.g.call_function(op, tuple(args), kwargs or {})
+        if name:
+            n.name = self.g._graph_namespace.create_name(name, None)
+        self.report.inserted[kind or f"ipcv_{op._opname}"] += 1
+        return n
+
+    def getitem(self, n: fx.Node, i: int) -> fx.Node:
+        self.report.inserted["getitem"] += 1
+        return self.g.call_function(operator.getitem, (n, i))
 
 
 def _is_tok_sym(a, sym) -> bool:
@@ -85,6 +131,7 @@ def _is_tok_sym(a, sym) -> bool:
 
 
 def _batch_mode(val: torch.Tensor, dims, hidden_val: torch.Tensor, token_dim: int) -> str:
+    """How a per-token value's dim 0 relates to the batch: ``full`` / ``broadcast`` / ``none``."""
     if token_dim == 0 or val.dim() < 2 or 0 in dims:
         return "none"
     b = val.shape[0]
@@ -98,307 +145,234 @@ def _batch_mode(val: torch.Tensor, dims, hidden_val: torch.Tensor, token_dim: in
     return "none"
 
 
-class IPCVRewritePass:
-    """``IPCVRewritePass(config, layout)(gm, gmap) -> PassResult`` (torch.fx pass-infra style)."""
+def _set_mask(core: fx.Node, mask: fx.Node) -> None:
+    """Give an SDPA node the ``attn_mask`` ``mask`` (positional or keyword, wherever it was)."""
+    if len(core.args) > 3:
+        args = list(core.args)
+        args[3] = mask
+        core.args = tuple(args)
+    else:
+        core.kwargs = {**core.kwargs, "attn_mask": mask}
 
-    def __init__(self, config: IPCVConfig, layout: SegmentLayout, refresh: bool = False):
-        self.config = config
-        self.refresh = refresh
-        # the patch grid matters only to grid-aware variants; without them a batched layout keeps
-        # one graph for every token count
-        self.layout = layout if config.needs_grid else layout.without_grid()
 
-    def __call__(self, gm: fx.GraphModule, gmap: GraphMap) -> PassResult:
-        cfg = self.config
-        cfg.validate_depth(gmap.depth)
-        report = RewriteReport()
-        g = gm.graph
-        lp, as_end, depth = cfg.prune_layer, cfg.as_end, gmap.depth
-        td = gmap.token_dim
-        hidden_val = gmap.hidden.meta["val"]
-        blocks = gmap.blocks
+def _mask_of(core: fx.Node):
+    return core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
 
-        def call(fn, args, kwargs=None, name=None):
-            n = g.call_function(fn, tuple(args), kwargs or {})
-            if name:
-                n.name = g._graph_namespace.create_name(name, None)
-            report.inserted[getattr(fn, "__name__", str(fn))] += 1
-            return n
 
-        def getitem(n, i):
-            report.inserted["getitem"] += 1
-            return g.call_function(operator.getitem, (n, i))
-
-        sched = cfg.schedule  # ((layer, retain), ...), the final stage (l_p, r) last
-        first_layer = sched[0][0]
-        order = {n: i for i, n in enumerate(g.nodes)}
-        stage_nodes: List[tuple] = []  # per stage: (x_keep_lp, x_rem_lp, keep_idx, rem_idx, nbr_idx, nbr_w)
-        gathered_by_stage: List[Dict[fx.Node, fx.Node]] = []
-        pos = None  # original positions of the current rows (node)
-        log_size = None
-        prev_retain = 1.0
-
-        def gather_side(blocks_using, pos_node, after, stage_i, have=()):
-            """Side inputs of ``blocks_using`` gathered to ``pos_node``'s rows (except those in ``have``)."""
-            out: Dict[fx.Node, fx.Node] = {}
-            for blk in blocks_using:
-                for s_ in blk.side_uses:
-                    if s_ in out or s_ in have:
-                        continue
-                    dims = gmap.side_inputs[s_]
-                    mode = _batch_mode(s_.meta["val"], dims, hidden_val, td)
-                    where = g.inserting_after(s_) if order.get(s_, -1) > order.get(after, 10**9) else g.inserting_after(after)
-                    with where:
-                        out[s_] = call(ipcv_ops.ipcv_gather_tokens, (s_, pos_node), dict(dims=dims, batch=mode),
-                                       f"{s_.name}_kept{stage_i}")
-                    report.side_inputs[s_.name] = dims
-            return out
-
-        def reconstruct(x_keep_l, where, name):
+# --------------------------------------------------------------------------------------------- steps
+def gather_side_inputs(cur: Cursor, blocks: Sequence[BlockInfo], pos: fx.Node, after: fx.Node, tag: str,
+                       have: Dict[fx.Node, fx.Node]) -> Dict[fx.Node, fx.Node]:
+    """Side inputs used by ``blocks`` gathered once to the rows of ``pos`` (except those in ``have``),
+    inserted after ``after`` (or after the side value itself when that comes later)."""
+    out: Dict[fx.Node, fx.Node] = {}
+    order = cur.order()
+    hidden_val = cur.gmap.hidden.meta["val"]
+    for blk in blocks:
+        for s_ in blk.side_uses:
+            if s_ in out or s_ in have:
+                continue
+            dims = cur.gmap.side_inputs[s_]
+            mode = _batch_mode(s_.meta["val"], dims, hidden_val, cur.gmap.token_dim)
+            where = cur.g.inserting_after(s_ if order.get(s_, -1) > order.get(after, 10**9) else after)
             with where:
-                return call(ipcv_ops.ipcv_reconstruct, (x_keep_l, tuple(stage_nodes)), dict(token_dim=td), name)
+                out[s_] = cur.call(ipcv_ops.gather_tokens, (s_, pos), dict(dims=list(dims), batch=mode),
+                                   f"{s_.name}_kept{tag}")
+            cur.report.side_inputs[s_.name] = dims
+    return out
 
-        # ---------------------------------------------------------------- blocks >= first prune layer
-        block_in: Optional[fx.Node] = None
-        prev_in: fx.Node = blocks[first_layer - 1].input  # input of the previous block, as rewritten
-        stage_of_layer = {l: (si, r) for si, (l, r) in enumerate(sched)}
-        for bi in range(first_layer, depth):
-            blk = blocks[bi]
-            old_in = blk.input
-            if block_in is None:
-                block_in = old_in
-            key_copies: List[fx.Node] = []
-            if bi in stage_of_layer:
-                si, r = stage_of_layer[bi]
-                metric = None
-                if cfg.selection == "bipartite":
-                    side_now = dict(gathered_by_stage[-1]) if gathered_by_stage else {}
-                    if pos is not None:  # side inputs at the incoming rows not gathered yet
-                        side_now.update(gather_side([blk], pos, pos, f"{si}pre", have=side_now))
-                    metric, key_copies = self._key_metric(g, blk, old_in, block_in, side_now, report)
-                size_prev = log_size if (cfg.merge != "none" and pos is not None) else None
-                with g.inserting_before(blk.nodes[0]):
-                    prune = call(
-                        ipcv_ops.ipcv_prune,
-                        (block_in, prev_in, gmap.hidden, pos, metric, size_prev),
-                        dict(
-                            token_dim=td,
-                            segment_lengths=self.layout.lengths,
-                            protected=self.layout.protected,
-                            grids=self.layout.grids,
-                            merge=self.layout.merge,
-                            config=cfg.to_dict(),
-                            stage_retain=r,
-                            prev_retain=prev_retain,
-                        ),
-                        f"ipcv_prune{si}" if len(sched) > 1 else "ipcv_prune",
-                    )
-                    outs = [getitem(prune, i) for i in range(8)]
-                x_keep, x_rem, keep_idx, rem_idx, nbr_idx, nbr_w, log_size, pos = outs
-                stage_nodes.append((x_keep, x_rem, keep_idx, rem_idx, nbr_idx, nbr_w))
-                order = {n: i for i, n in enumerate(g.nodes)}
-                prev_retain = r
-                # side inputs of the kept-rows blocks of this stage (not the AS ones)
-                nxt = sched[si + 1][0] if si + 1 < len(sched) else depth
-                using = [b for b in blocks[bi:nxt] if not (lp <= b.index < as_end)]
-                gathered_by_stage.append(gather_side(using, pos, outs[-1], si))
-                block_in = x_keep
-            # the block's residual stream becomes the current rows
-            for n in blk.nodes:
-                n.replace_input_with(old_in, block_in)
-            extra = []
-            if lp <= bi < as_end:
-                extra = self._attention_stabilised(g, blk, block_in, pos, reconstruct, report, gmap)
-            else:
-                gathered = gathered_by_stage[-1]
-                for n in blk.nodes:
-                    for s_, s_k in gathered.items():
-                        if s_ in n.all_input_nodes:
-                            n.replace_input_with(s_, s_k)
-                if cfg.merge != "none":
-                    self._proportional_attention(g, blk, log_size, report)
-            self._follow_token_count(list(blk.nodes) + extra + key_copies, gmap.token_symbol, report)
-            prev_in = block_in
-            block_in = blk.output
 
-        # ---------------------------------------------------------------- reintegration
-        last = blocks[-1].output
-        if cfg.reintegrate:
-            users = list(gmap.final_users)
-            if users:
-                full = reconstruct(last, g.inserting_after(last), "ipcv_reintegrate")
-                for u in users:
-                    u.replace_input_with(last, full)
-        clean_up(gm)
-        # a packed layout (static segment lengths) or a patch grid fixes the token count of the graph
-        n_static = self.layout.static_tokens
-        static = {gmap.token_symbol: n_static} if n_static is not None else None
-        if self.refresh:
-            refresh_meta(gm, static)
-            gm.meta.pop("ipcv_meta_stale", None)
-        else:
-            # node.meta["val"] still shows the captured shapes; IPCVModule.refresh_meta() updates them
-            gm.meta["ipcv_meta_stale"] = static if static is not None else {}
-        gm.meta["ipcv_report"] = report
-        return PassResult(gm, True)
+def insert_stage(cur: Cursor, blk: BlockInfo, stage: int) -> None:
+    """One ``ipcv.prune`` at the input of ``blk``; the cursor's rows become the kept rows."""
+    gmap, cfg = cur.gmap, cur.config
+    metric = None
+    copies: List[fx.Node] = []
+    if cfg.needs_key_metric:
+        side_now = dict(cur.gathered)
+        if cur.positions is not None:  # side inputs at the incoming rows that are not gathered yet
+            side_now.update(gather_side_inputs(cur, [blk], cur.positions, cur.positions, f"{stage}pre", side_now))
+        metric, copies = _copy_key_path(cur, blk, side_now)
+    kwargs = dict(stage=stage, **ipcv_ops.layout_args(cur.layout, gmap.token_dim), **ipcv_ops.config_args(cfg))
+    multi = len(cfg.schedule) > 1
+    with cur.g.inserting_before(blk.nodes[0]):
+        node = cur.call(ipcv_ops.prune, (cur.rows, cur.prev_rows, gmap.hidden, cur.positions, metric,
+                                         cur.log_size if cfg.merge_rule.tracks_sizes else None),
+                        kwargs, f"ipcv_prune{stage}" if multi else "ipcv_prune")
+        outs = {f: cur.getitem(node, i) for i, f in enumerate(PruneOutputs._fields)}
+    cur.stages.append(outs)
+    # side inputs of this stage's kept-row blocks (AS blocks use the full rows' values)
+    sched = cfg.schedule
+    nxt = sched[stage + 1][0] if stage + 1 < len(sched) else gmap.depth
+    using = [b for b in gmap.blocks[blk.index:nxt] if not (cfg.prune_layer <= b.index < cfg.as_end)]
+    cur.gathered = gather_side_inputs(cur, using, outs["positions"], outs[PruneOutputs._fields[-1]], str(stage), {})
+    cur.rows = outs["x_keep"]
+    cur.copies.setdefault(blk.index, []).extend(copies)
 
-    # ------------------------------------------------------------------------------------------
-    def _attention_stabilised(self, g, blk, block_in, keep_idx, reconstruct, report, gmap):
-        """AS block: keys/values over all rows (kept + NGR-reconstructed), queries for kept rows."""
-        first = blk.nodes[0]
-        x_full = reconstruct(block_in, g.inserting_before(first), f"ipcv_as{blk.index}_full")
-        # the path block input -> attention input (e.g. the pre-attention norm), copied on full rows
-        path, env = [], {}
-        if blk.attn_input is block_in:
-            full_attn_in = x_full
-        else:
-            path = _path_between(block_in, blk.attn_input, blk.nodes)
-            env = {block_in: x_full}
-            # right after the original attention input: every input of the path is defined by then
-            with g.inserting_before(blk.attn_input.next):
-                for n in path:
-                    c = g.node_copy(n, lambda a: env.get(a, a))
-                    c.meta = dict(n.meta)
-                    env[n] = c
-                    report.pre_attention_copies += 1
-            full_attn_in = env[blk.attn_input]
-        copies = [env[n] for n in path] if blk.attn_input is not block_in else []
-        for n in blk.attn_nodes:
-            n.replace_input_with(blk.attn_input, full_attn_in)
-        for core in blk.attn_cores:
-            q = core.args[0]
-            with g.inserting_before(core):
-                qk = g.call_function(
-                    ipcv_ops.ipcv_gather_tokens, (q, keep_idx), dict(dims=(q.meta["val"].dim() - 2,), batch="full")
-                )
-                report.inserted["ipcv_gather_tokens"] += 1
-                report.query_gathers += 1
-                args = list(core.args)
-                args[0] = qk
-                mask = args[3] if len(args) > 3 else core.kwargs.get("attn_mask")
-                if isinstance(mask, fx.Node):
-                    mv = mask.meta["val"]
-                    if -2 % mv.dim() in token_symbol_dims(mv, gmap.token_symbol):
-                        mode = _batch_mode(mv, (mv.dim() - 2,), gmap.hidden.meta["val"], gmap.token_dim)
-                        mk = g.call_function(
-                            ipcv_ops.ipcv_gather_tokens, (mask, keep_idx), dict(dims=(mv.dim() - 2,), batch=mode)
-                        )
-                        report.inserted["ipcv_gather_tokens"] += 1
-                        if len(args) > 3:
-                            args[3] = mk
-                        else:
-                            kw = dict(core.kwargs)
-                            kw["attn_mask"] = mk
-                            core.kwargs = kw
-                core.args = tuple(args)
-        return copies
 
-    def _key_metric(self, g, blk, old_in, block_in, side_map, report):
-        """Bipartite selection: the block's attention keys on the rows entering it (before this
-        stage prunes them), head-averaged — a copy of every node of the block the SDPA key depends
-        on, reading ``block_in`` and ``side_map`` (side inputs at those rows), inserted before the
-        block.  Returns ``(metric node, copied nodes)``."""
-        if len(blk.attn_cores) != 1:
-            raise RewriteError(
-                f"selection='bipartite' needs exactly one attention core (SDPA) in block {blk.index}, "
-                f"found {len(blk.attn_cores)}"
-            )
-        key = blk.attn_cores[0].args[1]
-        anc = _ancestors_within(key, set(blk.nodes))
-        if old_in not in {a for n in anc for a in n.all_input_nodes}:
-            raise RewriteError(f"block {blk.index}: the attention keys do not depend on the block input")
-        env = {old_in: block_in, **side_map}
-        # values the key path reads from outside the block (e.g. rotary tables computed late in the
-        # graph) must exist before the copies: move them (with their own late inputs) up
-        at = blk.nodes[0]
-        order = {n: i for i, n in enumerate(g.nodes)}
+def feed_residual(cur: Cursor, blk: BlockInfo) -> None:
+    """The block reads the cursor's rows as its residual stream."""
+    for n in blk.nodes:
+        n.replace_input_with(blk.input, cur.rows)
 
-        def hoist(n):
-            if order[n] < order[at]:
-                return
-            if n is old_in or n is block_in or n in anc or descendants_within(old_in, {n}):
-                raise RewriteError(f"block {blk.index}: the key path reads {n.name}, computed after the block starts")
-            for a in n.all_input_nodes:
-                hoist(a)
-            at.prepend(n)
-            order[n] = order[at] - 0.5
 
-        for n in anc:
-            for a in n.all_input_nodes:
-                if a not in anc:
-                    hoist(env.get(a, a))
-        copies = []
-        with g.inserting_before(blk.nodes[0]):
-            for n in blk.nodes:
-                if n not in anc:
-                    continue
+def reconstruct_all(cur: Cursor, rows: fx.Node, where, name: str) -> fx.Node:
+    """``ipcv.reconstruct`` of ``rows`` (the last stage's kept rows at some layer) through every stage."""
+    flat = [st[f] for st in cur.stages for f in ipcv_ops.RECONSTRUCT_FIELDS]
+    with where:
+        return cur.call(ipcv_ops.reconstruct, (rows, flat), dict(token_dim=cur.gmap.token_dim), name)
+
+
+def narrow_attention(cur: Cursor, blk: BlockInfo) -> None:
+    """AS block: keys/values over all rows (kept + NGR-reconstructed), queries for the kept rows."""
+    g, rows = cur.g, cur.rows
+    x_full = reconstruct_all(cur, rows, g.inserting_before(blk.nodes[0]), f"ipcv_reconstruct_as{blk.index}")
+    if blk.attn_input is rows:
+        full_attn_in = x_full
+    else:  # the path block input -> attention input (e.g. the pre-attention norm), copied on full rows
+        env = {rows: x_full}
+        with g.inserting_before(blk.attn_input.next):  # every input of the path is defined by then
+            for n in _path_between(rows, blk.attn_input, blk.nodes):
                 c = g.node_copy(n, lambda a: env.get(a, a))
                 c.meta = dict(n.meta)
                 env[n] = c
-                copies.append(c)
-                report.key_copies += 1
-            metric = g.call_function(ipcv_ops.ipcv_key_metric, (env[key],))
-            metric.name = g._graph_namespace.create_name(f"ipcv_keys{blk.index}", None)
-            report.inserted["ipcv_key_metric"] += 1
-        return metric, copies
+                cur.copies.setdefault(blk.index, []).append(c)
+                cur.report.pre_attention_copies += 1
+        full_attn_in = env[blk.attn_input]
+    for n in blk.attn_nodes:
+        n.replace_input_with(blk.attn_input, full_attn_in)
+    pos, sym, hidden_val = cur.positions, cur.gmap.token_symbol, cur.gmap.hidden.meta["val"]
+    for core in blk.attn_cores:
+        q = core.args[0]
+        with g.inserting_before(core):
+            qk = cur.call(ipcv_ops.gather_tokens, (q, pos), dict(dims=[q.meta["val"].dim() - 2], batch="full"))
+            cur.report.query_gathers += 1
+            core.args = (qk,) + tuple(core.args[1:])
+            mask = _mask_of(core)
+            if isinstance(mask, fx.Node):
+                mv = mask.meta["val"]
+                if -2 % mv.dim() in token_symbol_dims(mv, sym):
+                    mode = _batch_mode(mv, (mv.dim() - 2,), hidden_val, cur.gmap.token_dim)
+                    _set_mask(core, cur.call(ipcv_ops.gather_tokens, (mask, pos), dict(dims=[mv.dim() - 2], batch=mode)))
 
-    def _proportional_attention(self, g, blk, log_size, report):
-        """Merge variants: every SDPA of a non-AS block after the first stage adds log(size) of its keys."""
-        for core in blk.attn_cores:
-            args = list(core.args)
-            mask = args[3] if len(args) > 3 else core.kwargs.get("attn_mask")
-            q = args[0]
-            with g.inserting_before(core):
-                bias = g.call_function(
-                    ipcv_ops.ipcv_attention_bias, (mask, log_size), dict(dtype=q.meta["val"].dtype)
-                )
-            report.inserted["ipcv_attention_bias"] += 1
-            if len(args) > 3:
-                args[3] = bias
-                core.args = tuple(args)
-            else:
-                kw = dict(core.kwargs)
-                kw["attn_mask"] = bias
-                core.kwargs = kw
 
-    def _follow_token_count(self, nodes, sym, report):
-        for n in nodes:
-            if n.op != "call_function":
+def use_side_inputs(cur: Cursor, blk: BlockInfo) -> None:
+    """A kept-rows block reads the side inputs gathered to the current rows."""
+    for n in blk.nodes:
+        for s_, s_k in cur.gathered.items():
+            if s_ in n.all_input_nodes:
+                n.replace_input_with(s_, s_k)
+
+
+def size_bias(cur: Cursor, blk: BlockInfo) -> None:
+    """Proportional attention: every SDPA of the block adds ``log(size)`` of its keys."""
+    for core in blk.attn_cores:
+        with cur.g.inserting_before(core):
+            bias = cur.call(ipcv_ops.attention_bias, (_mask_of(core), cur.log_size),
+                            dict(dtype=core.args[0].meta["val"].dtype))
+        _set_mask(core, bias)
+
+
+def follow_token_count(cur: Cursor, blk: BlockInfo) -> None:
+    """Reshapes in the block follow the row count that reaches them (``-1`` for the token count)."""
+    sym = cur.gmap.token_symbol
+    for n in cur.block_nodes(blk):
+        if n.op != "call_function":
+            continue
+        if n.target in _RESHAPES:
+            shape = list(n.args[1])
+            hits = [i for i, a in enumerate(shape) if _is_tok_sym(a, sym)]
+            if not hits:
                 continue
-            if n.target in _RESHAPES:
-                shape = list(n.args[1])
-                hits = [i for i, a in enumerate(shape) if _is_tok_sym(a, sym)]
-                if not hits:
-                    continue
-                val = n.meta.get("val")
-                # an inferred size (-1) already present is pinned to its static value first
-                # (transformers reshapes as view(*x.shape[:-1], -1, head_dim))
-                for i, a in enumerate(shape):
-                    if isinstance(a, int) and a == -1:
-                        if isinstance(val, torch.Tensor) and len(val.shape) == len(shape) and isinstance(val.shape[i], int):
-                            shape[i] = int(val.shape[i])
-                        else:
-                            raise RewriteError(
-                                f"{n.name} ({n.target}) infers a non-static size (-1) besides the token count in "
-                                f"{list(n.args[1])}; cannot make it follow the kept-token count"
-                            )
-                if len(hits) > 1:
-                    raise RewriteError(
-                        f"{n.name} ({n.target}) has {len(hits)} sizes derived from the token count in {list(n.args[1])}; "
-                        "cannot make it follow the kept-token count"
-                    )
-                shape[hits[0]] = -1
-                n.args = (n.args[0], shape) + tuple(n.args[2:])
-                report.sizes_repointed.append(n.name)
-                continue
-            if n.target is torch.ops.aten.sym_size.int:
-                continue  # reads the size of a local tensor: always right
-            bad = [a for a in n.all_input_nodes if _is_tok_sym(a, sym)]
-            if bad:
+            val = n.meta.get("val")
+            # an inferred size (-1) already present is pinned to its static value first
+            # (transformers reshapes as view(*x.shape[:-1], -1, head_dim))
+            for i, a in enumerate(shape):
+                if isinstance(a, int) and a == -1:
+                    if isinstance(val, torch.Tensor) and len(val.shape) == len(shape) and isinstance(val.shape[i], int):
+                        shape[i] = int(val.shape[i])
+                    else:
+                        raise RewriteError(
+                            f"{n.name} ({n.target}) infers a non-static size (-1) besides the token count in "
+                            f"{list(n.args[1])}; cannot make it follow the kept-token count"
+                        )
+            if len(hits) > 1:
                 raise RewriteError(
-                    f"{n.name} ({n.target}) takes a size derived from the token count ({[b.name for b in bad]}); "
-                    "the rewrite cannot make it follow the kept-token count"
+                    f"{n.name} ({n.target}) has {len(hits)} sizes derived from the token count in {list(n.args[1])}; "
+                    "cannot make it follow the kept-token count"
                 )
+            shape[hits[0]] = -1
+            n.args = (n.args[0], shape) + tuple(n.args[2:])
+            cur.report.sizes_repointed.append(n.name)
+            continue
+        _check_no_token_size(n, sym)
+
+
+def _check_no_token_size(n: fx.Node, sym) -> None:
+    if n.op != "call_function" or n.target is torch.ops.aten.sym_size.int:
+        return  # sym_size reads the size of a local tensor: always right
+    bad = [a for a in n.all_input_nodes if _is_tok_sym(a, sym)]
+    if bad:
+        raise RewriteError(
+            f"{n.name} ({n.target}) takes a size derived from the token count ({[b.name for b in bad]}); "
+            "the rewrite cannot make it follow the kept-token count"
+        )
+
+
+def reintegrate(cur: Cursor) -> None:
+    """After the last block: the full length and original order for the stack's consumers."""
+    last = cur.gmap.blocks[-1].output
+    users = list(cur.gmap.final_users)
+    if cur.config.reintegrate and users:
+        full = reconstruct_all(cur, last, cur.g.inserting_after(last), "ipcv_reintegrate")
+        for u in users:
+            u.replace_input_with(last, full)
+
+
+def _copy_key_path(cur: Cursor, blk: BlockInfo, side_map: Dict[fx.Node, fx.Node]):
+    """Key-metric selection rules: the block's attention keys on the rows entering it (before the
+    stage prunes them), head-averaged — a copy of every node of the block the SDPA key depends on,
+    reading the cursor's rows and ``side_map`` (side inputs at those rows), inserted before the
+    block.  For a fused qkv projection the copy computes q and v too.  Returns ``(metric, copies)``."""
+    g = cur.g
+    if len(blk.attn_cores) != 1:
+        raise RewriteError(f"selection={cur.config.selection!r} needs exactly one attention core (SDPA) in block "
+                           f"{blk.index}, found {len(blk.attn_cores)}")
+    old_in = blk.input
+    key = blk.attn_cores[0].args[1]
+    anc = _ancestors_within(key, set(blk.nodes))
+    if old_in not in {a for n in anc for a in n.all_input_nodes}:
+        raise RewriteError(f"block {blk.index}: the attention keys do not depend on the block input")
+    env = {old_in: cur.rows, **side_map}
+    # values the key path reads from outside the block (e.g. rotary tables computed late in the
+    # graph) must exist before the copies: move them (with their own late inputs) up
+    at = blk.nodes[0]
+    order = cur.order()
+
+    def hoist(n):
+        if order[n] < order[at]:
+            return
+        if n is old_in or n is cur.rows or n in anc or descendants_within(old_in, {n}):
+            raise RewriteError(f"block {blk.index}: the key path reads {n.name}, computed after the block starts")
+        for a in n.all_input_nodes:
+            hoist(a)
+        at.prepend(n)
+        order[n] = order[at] - 0.5
+
+    for n in anc:
+        for a in n.all_input_nodes:
+            if a not in anc:
+                hoist(env.get(a, a))
+    copies = []
+    with g.inserting_before(blk.nodes[0]):
+        for n in blk.nodes:
+            if n not in anc:
+                continue
+            c = g.node_copy(n, lambda a: env.get(a, a))
+            c.meta = dict(n.meta)
+            env[n] = c
+            copies.append(c)
+            cur.report.key_copies += 1
+        metric = cur.call(ipcv_ops.key_metric, (env[key],), name=f"ipcv_keys{blk.index}")
+    return metric, copies
 
 
 def _path_between(src: fx.Node, dst: fx.Node, nodes) -> List[fx.Node]:
@@ -419,3 +393,118 @@ def _ancestors_within(dst: fx.Node, within: set) -> set:
         anc.add(n)
         stack.extend(n.all_input_nodes)
     return anc
+
+
+# --------------------------------------------------------------------------------------------- the pass
+def expected_rows(config: IPCVConfig, layout: SegmentLayout, depth: int, n_tokens: int) -> List[Dict[str, int]]:
+    """Per block, the rows its attention queries / keys and its FFN should see after the rewrite,
+    for a batch row of ``n_tokens`` tokens (static layouts: their own count)."""
+    stage_of = {layer: i for i, (layer, _) in enumerate(config.schedule)}
+    rows, out = n_tokens, []
+    for b in range(depth):
+        if b in stage_of:
+            rows = stage_plan(layout, config, stage_of[b], n_tokens).n_keep
+        as_block = config.prune_layer <= b < config.as_end
+        out.append({"queries": rows, "keys": n_tokens if as_block else rows, "ffn": rows})
+    return out
+
+
+class IPCVRewritePass(PassBase):
+    """``IPCVRewritePass(gmap, config, layout)(gm) -> PassResult`` — see the module docstring.
+
+    ``gmap`` must be the :func:`~ipcv_compile.locate.locate` result of the GraphModule the pass is
+    called on.  ``refresh=True`` brings every node's ``meta["val"]`` up to date afterwards (slow);
+    ``check_rows`` makes ``ensures`` verify the rows each block sees (fake propagation at the
+    example sizes, a fraction of a second on small graphs)."""
+
+    def __init__(self, gmap: GraphMap, config: IPCVConfig, layout: SegmentLayout, *, refresh: bool = False,
+                 check_rows: bool = True):
+        self.gmap = gmap
+        self.config = config
+        self.refresh = refresh
+        self.check_rows = check_rows
+        # the patch grid matters only to grid-aware variants; without them a batched layout keeps
+        # one graph for every token count
+        self.layout = layout if config.needs_grid else layout.without_grid()
+        self.report = RewriteReport()
+        self._cursor: Optional[Cursor] = None
+
+    # ------------------------------------------------------------------ checks
+    def requires(self, gm: fx.GraphModule) -> None:
+        gmap = self.gmap
+        if gmap.hidden.graph is not gm.graph or any(b.output.graph is not gm.graph for b in gmap.blocks):
+            raise RewriteError("the GraphMap was not located on this GraphModule (locate(gm, spec) first)")
+        self.config.validate_depth(gmap.depth)
+        if gmap.token_symbol is None:
+            raise RewriteError("the token dimension is static: capture with a dynamic token dimension")
+        if self.config.needs_grid and self.layout.grids is None:
+            raise RewriteError(f"selection={self.config.selection!r} / reconstruction={self.config.reconstruction!r} "
+                               "need the patch grid: give SegmentLayout(grids=...) (adapters supply it per call)")
+        if self.config.needs_key_metric:
+            for blk in gmap.blocks:
+                if len(blk.attn_cores) != 1:
+                    raise RewriteError(f"selection={self.config.selection!r} needs exactly one attention core (SDPA) "
+                                       f"in block {blk.index}, found {len(blk.attn_cores)}")
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        gm.graph.lint()
+        first = self.config.schedule[0][0]
+        sym = self.gmap.token_symbol
+        live = set(gm.graph.nodes)
+        for blk in self.gmap.blocks[first:]:
+            for n in self._cursor.block_nodes(blk):
+                if n in live and not (n.op == "call_function" and n.target in _RESHAPES):
+                    _check_no_token_size(n, sym)
+                elif n in live and any(_is_tok_sym(a, sym) for a in n.args[1]):
+                    raise RewriteError(f"{n.name} still reshapes to the captured token count")
+        if self.check_rows:
+            self._check_rows(gm)
+
+    def _check_rows(self, gm: fx.GraphModule) -> None:
+        gmap = self.gmap
+        n_static = self.layout.static_tokens
+        n = n_static if n_static is not None else int(gmap.hidden.meta["val"].shape[gmap.token_dim].node.hint)
+        probes = {}
+        for blk in gmap.blocks:
+            core = blk.attn_cores[0]
+            probes[blk.index] = (core.args[0], core.args[1], blk.ffn_input)
+        try:
+            vals = probe_shapes(gm, [p for ps in probes.values() for p in ps], {gmap.token_symbol: n})
+        except Exception as e:
+            raise RewriteError(f"the rewritten graph does not run at the example sizes ({n} tokens): "
+                               f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+        want = expected_rows(self.config, self.layout, gmap.depth, n)
+        for b, (q, k, f) in probes.items():
+            got = {"queries": vals[q].shape[-2], "keys": vals[k].shape[-2], "ffn": vals[f].shape[gmap.token_dim]}
+            if got != want[b]:
+                raise RewriteError(f"block {b}: rows seen after the rewrite {got} differ from the schedule's {want[b]}")
+
+    # ------------------------------------------------------------------ the rewrite
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        cfg, gmap = self.config, self.gmap
+        first = cfg.schedule[0][0]
+        stage_of = {layer: i for i, (layer, _) in enumerate(cfg.schedule)}
+        cur = self._cursor = Cursor(gm.graph, gmap, cfg, self.layout, self.report, rows=gmap.blocks[first].input,
+                                    prev_rows=gmap.blocks[first - 1].input)
+        for blk in gmap.blocks[first:]:
+            if blk.index in stage_of:
+                insert_stage(cur, blk, stage_of[blk.index])
+            feed_residual(cur, blk)
+            if cfg.prune_layer <= blk.index < cfg.as_end:
+                narrow_attention(cur, blk)
+            else:
+                use_side_inputs(cur, blk)
+                if cfg.merge_rule.tracks_sizes:
+                    size_bias(cur, blk)
+            follow_token_count(cur, blk)
+            cur.prev_rows, cur.rows = cur.rows, blk.output
+        reintegrate(cur)
+        clean_up(gm)
+        n_static = self.layout.static_tokens  # a packed layout or a patch grid fixes the token count
+        static = {gmap.token_symbol: n_static} if n_static is not None else None
+        if self.refresh:
+            refresh_meta(gm, static)
+        else:  # node.meta["val"] keeps the captured shapes until IPCVModule.refresh_meta()
+            gm.meta["ipcv_meta_stale"] = static if static is not None else {}
+        gm.meta["ipcv_report"] = self.report
+        return PassResult(gm, True)

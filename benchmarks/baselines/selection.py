@@ -1,5 +1,5 @@
-"""Keep-set selections other than IPCV's eq. (1) score, as score functions for ``run_ipcv``'s
-``scores_fn`` hook (higher = keep; ``select_per_segment`` then keeps the top ``K`` per segment).
+"""Keep-set selections other than IPCV's eq. (1) score (higher = keep; ``select_per_segment`` then
+keeps the top ``K`` per segment).
 
 * DART(ViT) — Wen et al., *Stop Looking for Important Tokens in Multimodal Language Models:
   Duplication Matters More*, 2025 (arXiv 2502.11494), applied at a ViT layer as in the IPCV paper.
@@ -9,8 +9,11 @@
   tokens are kept.  Our adaptation to a ViT: keys are those of block ``l_p`` at ``H_lp``, averaged
   over heads (what the ``Block`` protocol's ``key_features`` gives; DART concatenates the heads),
   and the cosine is taken on the raw hidden states ``H_lp`` (DART uses the LLM's normed states).
-* Random — a seeded uniformly random keep set per image; the seed of each row is derived from the
-  row's own input, so a row's keep set does not depend on the other rows of its batch.
+* Random per image — the selection rule ``"random_per_image"`` (registered in
+  :mod:`ipcv_core.rules` on import): IPCV's own hashed random score (:func:`ipcv_core.variants.hash_of`
+  of the token positions) with a seed per image derived from the image's own input (a CRC of its
+  row of the block stack's input), so every image gets its own random keep set and a row's set
+  does not depend on the other rows of its batch.  Eager only (it reads tensor bytes).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import zlib
 
 import torch
 
-__all__ = ["dart_keep_mask", "dart_scores", "row_seeds", "seeded_random_scores"]
+from ipcv_core.rules import ScoreInputs, SelectionRule, register_selection
+from ipcv_core.variants import hash_of
+
+__all__ = ["dart_keep_mask", "dart_scores", "row_seeds", "RANDOM_PER_IMAGE"]
 
 
 def dart_keep_mask(h: torch.Tensor, keys: torch.Tensor, keep: int, num_pivots: int = 8) -> torch.Tensor:
@@ -62,16 +68,18 @@ def dart_scores(h: torch.Tensor, keys: torch.Tensor, protected: int, keep: int, 
     return s
 
 
-def row_seeds(h: torch.Tensor, seed: int) -> list:
-    """One integer seed per row of ``h (B, ...)``: ``seed`` mixed with a CRC of the row's bytes."""
+def row_seeds(h: torch.Tensor, seed: int) -> torch.Tensor:
+    """``(B, 1)`` int64 seeds, one per row of ``h (B, ...)``: ``seed`` mixed with a CRC of the row's
+    bytes (below 2**31, so the hash's integer arithmetic stays exact)."""
     rows = h.detach().float().cpu().contiguous()
-    return [(seed * 1_000_003 + zlib.crc32(rows[b].numpy().tobytes())) % (2**63) for b in range(rows.shape[0])]
+    seeds = [(seed * 1_000_003 + zlib.crc32(rows[b].numpy().tobytes())) % (2**31) for b in range(rows.shape[0])]
+    return torch.tensor(seeds, dtype=torch.long, device=h.device).unsqueeze(1)
 
 
-def seeded_random_scores(seeds, n: int, device=None) -> torch.Tensor:
-    """``(B, n)`` uniform scores, row ``b`` drawn from a generator seeded with ``seeds[b]``."""
-    out = []
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        out.append(torch.rand(n, generator=g))
-    return torch.stack(out).to(device)
+def _random_per_image(s: ScoreInputs) -> torch.Tensor:
+    return hash_of(s.positions, row_seeds(s.x0, s.seed))
+
+
+RANDOM_PER_IMAGE = register_selection(SelectionRule(
+    "random_per_image", _random_per_image, exportable=False,
+    description="IPCV's hashed random score with a seed per image from the image's own input (benchmark baseline)"))

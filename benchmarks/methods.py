@@ -21,12 +21,12 @@ Methods (``METHODS`` maps the names used by the benchmark to runners):
   restored by copying the final value of their Euclidean-nearest kept token at ``H_lp`` /
   by their own ``H_lp`` value (no update).
 * ``dart`` — DART(ViT): duplication-aware keep set at ``l_p`` (see
-  :mod:`ipcv_core.baselines.selection`), later blocks on kept rows only; removed tokens restored by
+  :mod:`benchmarks.baselines.selection`), later blocks on kept rows only; removed tokens restored by
   copying the final value of their most cosine-similar kept token at ``H_lp``.
 * ``tome`` — ToMe: bipartite soft matching on the attention keys (head-averaged) in every block,
   between attention and FFN, size-weighted average merge, proportional attention (``log size``
   added to the logits through SDPA's float mask); even schedule to the final count
-  (:func:`ipcv_core.baselines.even_schedule`); unmerged at the end.
+  (:func:`benchmarks.baselines.even_schedule`); unmerged at the end.
 * ``tofu`` — ToFu: the same matching and schedule; in the first ``prune_blocks`` blocks (default
   ``depth // 3``) the matched source tokens are *pruned* (dropped; ToFu prunes where the model
   responds non-linearly to interpolated inputs, i.e. early), later they are *merged* with MLERP
@@ -35,8 +35,9 @@ Methods (``METHODS`` maps the names used by the benchmark to runners):
 
 ``MethodOutput.removed`` marks the positions whose output is not their own token's computation
 (removed, or merged away into another token); ``keep_idx`` the others.  ``overhead_flops`` counts
-per-image work done outside the block branches (matching, neighbour search, NGR), for FLOP
-accounting; block branches (incl. ``key_features``) are counted by the caller from shapes.
+per-image work done outside the block branches (matching, neighbour search, NGR), priced with
+:mod:`ipcv_core.cost`'s functions; block branches (incl. ``key_features``) are counted by the caller
+from shapes (:func:`benchmarks.cost.count_flops`).
 """
 
 from __future__ import annotations
@@ -47,15 +48,17 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from ipcv_core.config import IPCVConfig, num_keep
+from ipcv_core.cost import ModelDims, knn_flops, matching_flops, ngr_flops
+from ipcv_core.driver import AttnContext, Block, run_blocks, run_ipcv
+from ipcv_core.reconstruct import restore
+from ipcv_core.segments import SegmentLayout
+from ipcv_core.selection import feature_difference_score, gather_rows, select_per_segment
+
 from .baselines.merging import MergeTracker, bipartite_soft_matching
 from .baselines.restore import copy_nearest, nearest_kept
 from .baselines.schedule import even_schedule
-from .baselines.selection import dart_scores, row_seeds, seeded_random_scores
-from .config import IPCVConfig, num_keep
-from .driver import AttnContext, Block, run_blocks, run_ipcv
-from .reconstruct import restore
-from .segments import SegmentLayout
-from .selection import feature_difference_score, gather_rows, select_per_segment
+from .baselines.selection import RANDOM_PER_IMAGE, dart_scores
 
 __all__ = [
     "MethodOutput",
@@ -107,9 +110,9 @@ def run_vanilla(h, blocks: Sequence[Block], retain: float = 1.0, layout=None) ->
 
 
 # ----------------------------------------------------------------------------- IPCV and ablations
-def _ngr_flops(R: int, K: int, D: int, k: int, n_ngr: int) -> float:
-    """kNN distances (R x K x D multiply-adds) + ``n_ngr`` NGR evaluations (k multiply-adds / dim)."""
-    return 2.0 * R * K * D + n_ngr * 2.0 * R * min(k, max(K, 1)) * D
+def _reconstruction_flops(R: int, K: int, k: int, dims: ModelDims, evaluations: int) -> float:
+    """Neighbour search of the ``R`` removed rows among the ``K`` kept + ``evaluations`` NGR evaluations."""
+    return knn_flops(R, K, dims) + ngr_flops(R, K, k, dims, evaluations=evaluations) if R else 0.0
 
 
 def run_ipcv_method(
@@ -128,7 +131,8 @@ def run_ipcv_method(
 ) -> MethodOutput:
     """IPCV through :func:`ipcv_core.run_ipcv` with ablation switches.
 
-    ``selection``: ``score`` (eq. 1) or ``random`` (seeded per image from the image's own input).
+    ``selection``: ``score`` (eq. 1) or ``random`` (the ``random_per_image`` rule: IPCV's hashed
+    random score, seeded per image from the image's own input).
     ``fill``: ``ngr`` (reintegration) or ``lp`` (no reintegration: removed rows keep ``H_lp``).
     """
     if selection not in ("score", "random"):
@@ -138,24 +142,16 @@ def run_ipcv_method(
     layout = layout or SegmentLayout()
     B, N, D = h.shape
     cfg = IPCVConfig(retain=retain, prune_layer=prune_layer, as_depth=as_depth, k=k, weighting=weighting,
-                     reintegrate=(fill == "ngr"))
-    captured = {}
-    seeds = row_seeds(h, seed) if selection == "random" else None
-
-    def scores_fn(h_lp, h_prev):
-        captured["h_lp"] = h_lp
-        if seeds is not None:
-            return seeded_random_scores(seeds, h_lp.shape[1], h_lp.device)
-        return feature_difference_score(h_lp, h_prev)
-
-    res = run_ipcv(h, blocks, cfg, layout, scores_fn=scores_fn)
-    if fill == "lp":
-        out = restore(res.hidden_states, gather_rows(captured["h_lp"], res.rem_idx), res.keep_idx, res.rem_idx)
+                     reintegrate=(fill == "ngr"), seed=seed,
+                     selection=RANDOM_PER_IMAGE.name if selection == "random" else "score")
+    res = run_ipcv(h, blocks, cfg, layout)
+    if fill == "lp":  # the removed rows keep their value at l_p
+        out = restore(res.hidden_states, res.stages[0].x_rem, res.keep_idx, res.rem_idx)
     else:
         out = res.hidden_states
     R, K = res.rem_idx.shape[1], res.keep_idx.shape[1] - layout.protected * layout.num_segments
     n_ngr = as_depth + (1 if fill == "ngr" else 0)
-    flops = _ngr_flops(R, K, D, k, n_ngr) if R else 0.0
+    flops = _reconstruction_flops(R, K, k, ModelDims(D), n_ngr)
     info = {"config": cfg.to_dict(), "selection": selection, "fill": fill}
     return MethodOutput(out, _mask_from(res.rem_idx, B, N), res.keep_idx, flops, info)
 
@@ -209,7 +205,7 @@ def run_prune(
 
     out, keep_idx, rem_idx = _prune_at(h, blocks, retain, layout, prune_layer, feature_difference_score, restore_with)
     R, K = rem_idx.shape[1], keep_idx.shape[1] - P
-    flops = 2.0 * R * K * D if restore_mode == "copy" else 0.0
+    flops = knn_flops(R, K, ModelDims(D)) if restore_mode == "copy" else 0.0
     return MethodOutput(out, _mask_from(rem_idx, B, N), keep_idx, flops, {"restore": restore_mode})
 
 
@@ -241,7 +237,8 @@ def run_dart(
 
     out, keep_idx, rem_idx = _prune_at(h, blocks, retain, layout, prune_layer, scores_of, restore_with)
     R, n = rem_idx.shape[1], N - P
-    flops = 2.0 * min(num_pivots, keep) * n * D + 2.0 * R * keep * D
+    dims = ModelDims(D)  # pivot-to-token similarities, then the removed tokens' nearest kept token
+    flops = knn_flops(min(num_pivots, keep), n, dims) + knn_flops(R, keep, dims)
     return MethodOutput(out, _mask_from(rem_idx, B, N), keep_idx, flops, {"num_pivots": num_pivots})
 
 
@@ -263,7 +260,7 @@ def _run_merging(h, blocks, retain, layout, mode_of: Callable[[int], str], prop_
             m = bipartite_soft_matching(metric, r, P)
             if m.r != r:
                 raise RuntimeError(f"block {li}: schedule asks {r} merges, matching allows {m.r}")
-            flops += 2.0 * m.n_a * m.n_b * metric.shape[-1]
+            flops += knn_flops(m.n_a, m.n_b, ModelDims(metric.shape[-1]))  # A x B similarities
             x = tracker.step(x, m, mode_of(li))
         x = x + blk.ffn_branch(x)
     removed = tracker.removed_mask()
@@ -303,11 +300,11 @@ def run_ipcv_config(h, blocks: Sequence[Block], retain: float, layout=None, **fi
     res = run_ipcv(h, blocks, cfg, layout)
     K = res.keep_idx.shape[1] - layout.protected * layout.num_segments
     R = res.rem_idx.shape[1]
-    flops = _ngr_flops(R, K, D, cfg.k, cfg.as_depth + 1) if R else 0.0
-    if cfg.selection == "bipartite":  # A x B similarities per stage (at width D: an upper bound)
+    dims = ModelDims(D)
+    flops = _reconstruction_flops(R, K, cfg.k, dims, cfg.as_depth + 1)
+    if cfg.needs_key_metric:  # A x B similarities per stage (at width D: an upper bound)
         for st in res.stages:
-            n = st.keep_idx.shape[1] + st.rem_idx.shape[1]
-            flops += 2.0 * n * (n // 2) * D
+            flops += matching_flops(st.keep_idx.shape[1] + st.rem_idx.shape[1], dims)
     return MethodOutput(res.hidden_states, _mask_from(res.rem_idx, B, N), res.keep_idx, flops,
                         {"config": cfg.to_dict()})
 

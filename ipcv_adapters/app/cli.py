@@ -4,7 +4,7 @@
                                                                     [--grid 1,16,16 ...] [--no-verify]
     ipcv inspect MODEL --retain 0.35        # adapter, IPCV config, per-block rows of the rewrite
     ipcv trt-check MODEL --retain 0.35      # will torch-tensorrt convert it? (no GPU needed)
-    ipcv demo [demo args]                   # = python -m ipcv_adapters.demo
+    ipcv demo [demo args]                   # = python -m ipcv_adapters.app.demo
 
 MODEL: ``tiny:qwen2-vl``, ``tiny:internvl``, ``tiny:dinov2``, ``tiny:siglip``, ``tiny:clip`` (random
 weights from a small config, 4 blocks, for trying things out), or a local folder / hub id of a
@@ -34,9 +34,10 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .. import loading
+from ..loading import ModelLoadError, allowed_models
+
 FORMATS = {"onnx": "onnx", "pt2": "pt2", "trt": "tensorrt"}
-TINY_MODELS = {"qwen2-vl": "qwen2_vl", "internvl": "internvl", "dinov2": "dinov2", "siglip": "siglip", "clip": "clip"}
-HF_FAMILIES = ("qwen2_vl", "internvl", "dinov2", "siglip", "clip")
 VERIFY_TOL = 1e-4  # relative (max-abs error / max-abs reference), fp32
 
 
@@ -66,51 +67,12 @@ class Progress:
 
 
 # --------------------------------------------------------------------------------------------- models
-def _allowed_models() -> str:
-    return ", ".join(f"tiny:{k}" for k in TINY_MODELS) + (
-        ", or a local folder / hub id of a Qwen2-VL, InternVL (HF-native), DINOv2, SigLIP or CLIP checkpoint")
-
-
 def load_tower(model: str):
-    """``(tower nn.Module, kind)`` where kind is 'tiny' or the HF model_type."""
-    import torch
-
-    if model.startswith("tiny:"):
-        name = model[5:].lower().replace("_", "-")
-        if name not in TINY_MODELS:
-            raise CLIError(f"unknown tiny model {model!r}; allowed: {_allowed_models()}")
-        from ipcv_adapters.testing import tiny_tower
-
-        return tiny_tower(TINY_MODELS[name]), "tiny"
+    """:func:`ipcv_adapters.loading.load_tower`, with its errors as usage errors (exit code 2)."""
     try:
-        from transformers import AutoConfig
-
-        cfg = AutoConfig.from_pretrained(model)
-    except Exception as e:
-        raise CLIError(f"cannot load model {model!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                       f"allowed: {_allowed_models()}")
-    mt = getattr(cfg, "model_type", "")
-    import transformers as tf
-
-    classes = {
-        "dinov2": "Dinov2Model", "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel",
-        "clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel",
-        "qwen2_vl": "Qwen2VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration",
-    }
-    if mt not in classes:
-        raise CLIError(f"model {model!r} has model_type {mt!r}, which ipcv has no adapter for; allowed: {_allowed_models()}")
-    m = getattr(tf, classes[mt]).from_pretrained(model, dtype=torch.float32).eval()
-    return find_tower(m), mt
-
-
-def find_tower(m):
-    """The first submodule (``m`` itself first) that an ipcv adapter recognises."""
-    from ipcv_adapters import adapters
-
-    for _, sub in m.named_modules():
-        if any(a.matches(sub) for a in adapters()):
-            return sub.eval()
-    raise CLIError(f"no supported vision tower inside {type(m).__name__}; allowed: {_allowed_models()}")
+        return loading.load_tower(model)
+    except ModelLoadError as e:
+        raise CLIError(str(e)) from e
 
 
 def ipcv_config(args, kind: str):
@@ -145,7 +107,7 @@ def example_inputs(tower, rt, args, kind: str):
     """``(export module, example pixel input, description dict)`` for the tower."""
     import torch
 
-    from ipcv_compile.lower import TowerForExport
+    from ipcv_adapters.export import TowerForExport
 
     ad = rt.adapter
     gen = torch.Generator().manual_seed(0)
@@ -301,26 +263,73 @@ def cmd_trt_check(args) -> int:
 
 
 def cmd_demo(rest: Sequence[str]) -> int:
-    from ipcv_adapters import demo
+    from . import demo
 
     return int(demo.main(list(rest)) or 0)
 
 
 def cmd_tune(rest: Sequence[str]) -> int:
-    from ipcv_compile import tune
+    """``ipcv tune MODEL --images DIR --retain 0.35 [--budget latency|tokens] --out tuned.json``."""
+    import inspect
 
-    return int(tune.main(list(rest)) or 0)
+    from ipcv_core.search import short_description
+
+    from ..tune import __doc__ as tune_doc, tune_tower
+    from .images import list_images, load_images
+
+    ap = argparse.ArgumentParser(prog="ipcv tune", description=tune_doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", metavar="MODEL", help="local path or hub id of a supported checkpoint")
+    ap.add_argument("--images", required=True, metavar="DIR", help="folder of unlabeled images")
+    ap.add_argument("--retain", type=float, default=0.35)
+    ap.add_argument("--budget", choices=("tokens", "latency"), default="tokens")
+    ap.add_argument("--num-images", dest="num_images", type=int, default=32)
+    ap.add_argument("--offset", type=int, default=0, help="skip the first OFFSET images of DIR (sorted by name), "
+                    "e.g. to keep tuning images apart from evaluation images")
+    ap.add_argument("--batch", type=int, default=4, help="images per forward pass")
+    ap.add_argument("--screen-batches", dest="screen", type=int, default=1,
+                    help="batches used to screen candidates (the best few are confirmed on all)")
+    ap.add_argument("--size", type=int, default=448, help="square image size in pixels")
+    ap.add_argument("--passes", type=int, default=2, help="coordinate-descent passes per family (>= 1)")
+    ap.add_argument("--out", default="ipcv_tuned.json", metavar="PATH")
+    args = ap.parse_args(list(rest))
+    if not (0.0 < args.retain <= 1.0):
+        ap.error(f"--retain must be in (0, 1], got {args.retain}")
+    if args.passes < 1:
+        ap.error(f"--passes must be >= 1, got {args.passes}")
+    try:
+        tower, _ = loading.load_tower(args.model)
+    except ModelLoadError as e:
+        ap.error(str(e))
+    if "pixel_values" not in inspect.signature(tower.forward).parameters:
+        ap.error(f"ipcv tune feeds images as pixel_values; {type(tower).__name__} takes other inputs "
+                 "(call ipcv_adapters.tune.tune_tower with your own input batches)")
+    files = list_images(args.images)[args.offset : args.offset + args.num_images]
+    if not files:
+        ap.error(f"no images left in {args.images} after --offset {args.offset}")
+    batches = [dict(pixel_values=load_images(files[i : i + args.batch], args.size).to(tower.dtype))
+               for i in range(0, len(files), args.batch)]
+    print(f"ipcv tune: {type(tower).__name__}, {len(files)} images at {args.size}px, retain {args.retain}, "
+          f"budget {args.budget}", flush=True)
+    res = tune_tower(tower, batches, args.retain, args.budget, passes=args.passes,
+                     progress=lambda m: print("  " + m, flush=True), screen=args.screen)
+    print(res.format_table())
+    print(f"\nbest: {short_description(res.best)}\nreference (paper): {short_description(res.reference)}\n"
+          f"({res.seconds:.0f} s)")
+    res.best.to_json(args.out)
+    print(f"wrote {args.out}  (use: ipcv_compile.rewrite(tower, IPCVConfig.from_json({args.out!r})))")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ipcv", description="IPCV token compression for MLLM vision towers: export, "
                                  "inspect, check.", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=f"MODEL: {_allowed_models()}.")
+                                 epilog=f"MODEL: {allowed_models()}.")
     sub = ap.add_subparsers(dest="cmd", metavar="{export,inspect,trt-check,tune,demo}")
 
     def common(p):
-        p.add_argument("model", metavar="MODEL", help=f"{_allowed_models()}")
+        p.add_argument("model", metavar="MODEL", help=f"{allowed_models()}")
         p.add_argument("--retain", type=float, default=0.35, help="fraction of tokens kept per image / frame / tile (default 0.35)")
         p.add_argument("--prune-layer", dest="prune_layer", type=int, default=None, help="l_p (default: paper's 3; tiny models 1)")
         p.add_argument("--as-depth", dest="as_depth", type=int, default=None, help="Δ, attention-stabilisation blocks (default 7; tiny 2)")
@@ -348,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_trt_check)
 
-    sub.add_parser("demo", help="vanilla vs IPCV on real DINOv2-S (= python -m ipcv_adapters.demo; args passed on)",
+    sub.add_parser("demo", help="vanilla vs IPCV on real DINOv2-S (= python -m ipcv_adapters.app.demo; args passed on)",
                    add_help=False)
     sub.add_parser("tune", help="pick the IPCV variant that preserves most on your images (ipcv tune MODEL --images DIR "
                    "--retain R [--budget tokens|latency]; args passed on)", add_help=False)

@@ -1,6 +1,6 @@
 """Demo: real DINOv2-S weights, real images at 448 px, vanilla vs IPCV (eager driver).
 
-    python -m ipcv_adapters.demo [--model PATH_OR_HUB_ID] [--images DIR] [--num-images 4] [--size 448]
+    python -m ipcv_adapters.app.demo [--model PATH_OR_HUB_ID] [--images DIR] [--num-images 4] [--size 448]
 
 Prints, per retain ratio: tokens kept per image, wall-time ratio vs vanilla (same run, interleaved,
 median of repeats), mean cosine similarity of the final patch tokens to vanilla (all patches, and
@@ -12,28 +12,19 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import torch
 
 from ipcv_core import IPCVConfig
+from ipcv_core.cost import interleaved_latency
 
-from .dinov2 import dinov2_forward, load_dinov2
+from ..dinov2 import dinov2_forward, load_dinov2
 from .images import list_images, load_images
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = os.path.normpath(os.path.join(_HERE, "..", "..", "shared", "weights", "dinov2-small"))
-DEFAULT_IMAGES = os.path.normpath(os.path.join(_HERE, "..", "..", "shared", "data", "imagenet-samples"))
-
-
-def _time(fn, repeats):
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+_SHARED = os.path.normpath(os.path.join(_HERE, "..", "..", "..", "shared"))
+DEFAULT_MODEL = os.path.join(_SHARED, "weights", "dinov2-small")
+DEFAULT_IMAGES = os.path.join(_SHARED, "data", "imagenet-samples")
 
 
 def main(argv=None) -> int:
@@ -60,16 +51,14 @@ def main(argv=None) -> int:
     print(f"{'retain':>6} | {'kept/img':>8} | {'time ratio':>10} | {'cos all patches':>15} | {'cos removed':>11}")
     print("-" * 63)
     for r in args.retain:
-        cfg = IPCVConfig(retain=r)
-        t_van, t_ipcv = [], []
-        for _ in range(args.repeats):  # interleaved
-            t_van.append(_time(lambda: model(pixel_values=x), 1))
-            t_ipcv.append(_time(lambda: dinov2_forward(model, x, cfg), 1))
+        cfg = IPCVConfig.paper(r)
+        with torch.no_grad():
+            tm = interleaved_latency(lambda: model(pixel_values=x), lambda: dinov2_forward(model, x, cfg), args.repeats)
         out, res = dinov2_forward(model, x, cfg)
         cos = torch.nn.functional.cosine_similarity(out[:, 1:], ref[:, 1:], dim=-1)  # (B, N)
         rem = res.rem_idx - 1  # rem positions are patch positions + 1 (CLS at 0)
         cos_rem = torch.gather(cos, 1, rem).mean().item() if rem.numel() else float("nan")
-        ratio = statistics.median(t_ipcv) / statistics.median(t_van)
+        ratio = tm.ratio
         print(f"{r:>6.2f} | {res.keep_idx.shape[1] - 1:>8d} | {ratio:>10.3f} | {cos.mean().item():>15.4f} | {cos_rem:>11.4f}")
     return 0
 

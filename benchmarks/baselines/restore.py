@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..reconstruct import pairwise_sq_dist, restore
-from ..selection import gather_rows
+from ipcv_core.reconstruct import pairwise_sq_dist, restore
+from ipcv_core.selection import gather_rows
 
 __all__ = ["nearest_kept", "copy_nearest"]
 

@@ -1,4 +1,4 @@
-"""Baseline token-compression methods as pure tensor functions (see :mod:`ipcv_core.methods` for
+"""Baseline token-compression methods as pure tensor functions (see :mod:`benchmarks.methods` for
 runners over a block stack).
 
 * :mod:`.merging` — ToMe's bipartite soft matching, size-weighted merge, ToFu's MLERP merge and
@@ -21,12 +21,12 @@ from .merging import (
 )
 from .restore import copy_nearest, nearest_kept
 from .schedule import even_schedule
-from .selection import dart_keep_mask, dart_scores, row_seeds, seeded_random_scores
+from .selection import RANDOM_PER_IMAGE, dart_keep_mask, dart_scores, row_seeds
 
 __all__ = [
     "Matching", "MergeTracker", "bipartite_soft_matching", "merge_mlerp", "merge_prune", "merge_rows",
     "merge_wavg", "mlerp", "new_positions",
     "copy_nearest", "nearest_kept",
     "even_schedule",
-    "dart_keep_mask", "dart_scores", "row_seeds", "seeded_random_scores",
+    "dart_keep_mask", "dart_scores", "row_seeds", "RANDOM_PER_IMAGE",
 ]

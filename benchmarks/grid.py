@@ -1,0 +1,175 @@
+"""What the benchmark runs: the grid of methods x retain ratios, the extra IPCV rows, the variants
+beyond the paper and the tuned configs (:func:`build_configs`), and the run's settings
+(:func:`parse_args`: the options of ``python -m benchmarks.run``, with the full and ``--quick``
+defaults)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from . import figures
+from .methods import METHODS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared"))
+DEFAULT_MODEL = os.path.join(SHARED, "weights", "dinov2-small")
+DEFAULT_IMAGES = os.path.join(SHARED, "data", "imagenet-samples")
+DEFAULT_CIFAR = os.path.join(SHARED, "data", "cifar10-subset.npz")
+TUNED_DIR = os.path.join(HERE, "tuned")
+
+# run order = priority (a run cut short still has the main comparisons); tables follow this order too
+GRID = ["ipcv", "tome", "tofu", "dart", "random_ipcv", "prune_copy", "ipcv_no_as", "ipcv_no_reint", "ipcv_sim", "prune_lp"]
+# extra IPCV rows (issue evidence: smaller k, later l_p), at --extra-ratios
+EXTRAS = [
+    ("ipcv", {"k": 1}, "k=1"),
+    ("ipcv", {"k": 3}, "k=3"),
+    ("ipcv", {"prune_layer": 6, "as_depth": 6}, "l_p=6, Δ=6"),
+]
+# variants beyond the paper (issue 6) and the configs `ipcv tune` picked on ImageNet samples
+# 100-131 (disjoint from the fidelity images 0-23 and from CIFAR), at --variant-ratios
+VARIANTS = [
+    ({"selection": "stratified"}, "stratified"),
+    ({"selection": "stratified", "reconstruction": "spatial", "weighting": "similarity", "k": 6}, "stratified + spatial sim-NGR k=6"),
+    ({"selection": "stratified", "reconstruction": "spatial", "weighting": "similarity", "k": 6, "merge": "size_bias"},
+     "+ size-weighted attention"),
+    ({"selection": "stratified", "reconstruction": "spatial", "weighting": "similarity", "k": 6, "prune_layer": 4,
+      "as_depth": 2}, "+ l_p=4, Δ=2"),
+    ({"selection": "random", "stages": [[2, 0.75]], "prune_layer": 4, "as_depth": 2}, "two-stage random"),
+    # gradual bipartite merging (ToMe-style stage at every block 1..11 of DINOv2-S's 12, keys as the
+    # metric, sizes + proportional attention) with IPCV's NGR (k=1) at reintegration; per ratio
+    (lambda r: _merge_fields(r, front=1.0), "gradual merge + NGR k=1"),
+    (lambda r: _merge_fields(r, front=0.8), "gradual merge + NGR k=1, front-loaded 0.8"),
+]
+# the settings recorded in bench.json's meta (and read back by the report)
+SETTINGS = ("ratios", "extra_ratios", "methods", "fid_images", "fid_size", "fid_batch", "probe_size", "train", "test",
+            "latency_batch", "repeats", "quick")
+
+
+def _merge_fields(retain: float, front: float) -> Dict:
+    from ipcv_core.search import merge_family_config
+
+    d = merge_family_config(retain, 12, front=front).to_dict()  # DINOv2-S: 12 blocks
+    d.pop("retain")
+    d.pop("extras")
+    return d
+
+
+@dataclass
+class Config:
+    """One configuration: a runner of :data:`benchmarks.methods.METHODS` with its options at one ratio."""
+
+    method: str
+    retain: float
+    params: Dict = field(default_factory=dict)
+    variant: str = ""
+
+    @property
+    def label(self) -> str:
+        base = figures.STYLE.get(self.method, (self.method,))[0]
+        return f"{base} ({self.variant})" if self.variant else base
+
+    @property
+    def params_json(self) -> str:
+        return json.dumps(self.params, sort_keys=True)
+
+    @property
+    def key(self) -> Tuple[str, float, str]:
+        """What identifies the configuration's row (``--resume``): method, retain, options."""
+        return self.method, self.retain, self.params_json
+
+    def runner(self):
+        return functools.partial(METHODS[self.method], **self.params)
+
+
+# ----------------------------------------------------------------------------- settings
+def parse_args(argv, description: Optional[str] = None):
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CI smoke settings (< 2 min on 2 cores)")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--images", default=DEFAULT_IMAGES)
+    ap.add_argument("--cifar", default=DEFAULT_CIFAR)
+    ap.add_argument("--ratios", type=float, nargs="+")
+    ap.add_argument("--methods", nargs="+", choices=GRID, help="grid methods (default: all)")
+    ap.add_argument("--variant-ratios", dest="variant_ratios", type=float, nargs="*", default=None,
+                    help="ratios for the rows of variants beyond the paper and the tuned configs "
+                         "(default: 0.5 0.35 0.2; --quick: none)")
+    ap.add_argument("--extra-ratios", type=float, nargs="*", help="ratios for the extra IPCV rows ([] = none)")
+    ap.add_argument("--fid-images", type=int)
+    ap.add_argument("--fid-size", type=int)
+    ap.add_argument("--fid-batch", type=int, default=8)
+    ap.add_argument("--probe-size", type=int)
+    ap.add_argument("--train", type=int, help="CIFAR train images for the probe (balanced)")
+    ap.add_argument("--test", type=int, help="CIFAR test images (balanced)")
+    ap.add_argument("--probe-batch", type=int, default=100)
+    ap.add_argument("--latency-batch", type=int)
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--map-retain", type=float, default=0.35)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", help="results folder (default benchmarks/results, quick: benchmarks/results/quick)")
+    ap.add_argument("--figures", help="figures folder (default benchmarks/figures, quick: the results folder)")
+    ap.add_argument("--markdown", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    ap.add_argument("--no-markdown", action="store_true")
+    ap.add_argument("--section", default="", help="write the results between <!-- results:SECTION:begin/end --> "
+                    "markers of --markdown (default: the main results section)")
+    ap.add_argument("--cache", default=os.path.join(HERE, ".cache"), help="vanilla feature cache ('' = off)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="re-time every row of <out>/bench.json (interleaved with vanilla), re-measure its peak memory "
+                         "on --mem-batch images, and rewrite the outputs")
+    ap.add_argument("--mem-batch", type=int, default=4, help="images per peak-memory measurement (--latency-only)")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse rows of <out>/bench.partial.json (written after every configuration) and run the rest")
+    args = ap.parse_args(argv)
+    # full defaults: 46 grid + extra configurations, ~35 min on an idle 2-core CPU; the variant rows add ~17 (~15 min)
+    full = dict(ratios=[0.65, 0.5, 0.35, 0.2], extra_ratios=[0.5, 0.2], variant_ratios=[0.5, 0.35, 0.2], fid_images=24, fid_size=448, probe_size=224,
+                train=2000, test=400, latency_batch=2, repeats=3)
+    quick = dict(ratios=[0.35], extra_ratios=[], variant_ratios=[], fid_images=2, fid_size=224, probe_size=112, train=100, test=50,
+                 latency_batch=1, repeats=1)
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.methods = args.methods or GRID
+    if args.out is None:
+        args.out = os.path.join(HERE, "results", "quick") if args.quick else os.path.join(HERE, "results")
+    if args.figures is None:
+        args.figures = args.out if args.quick else os.path.join(HERE, "figures")
+    if args.quick:
+        args.no_markdown = True
+    for s in (args.fid_size, args.probe_size):
+        if s % 14:
+            ap.error(f"image sizes must be multiples of the patch size 14, got {s}")
+    return args
+
+
+def settings_of(args) -> Dict:
+    return {k: getattr(args, k) for k in SETTINGS}
+
+
+def tuned_fields(retain: float) -> Optional[Dict]:
+    """The config `ipcv tune` wrote for DINOv2-S at ``retain`` (benchmarks/tuned/), minus retain."""
+    path = os.path.join(TUNED_DIR, f"dinov2-small_r{retain}.json")
+    if not os.path.exists(path):
+        return None
+    from ipcv_core import IPCVConfig
+
+    d = IPCVConfig.from_json(path).to_dict()
+    d.pop("retain")
+    d.pop("extras")
+    return d
+
+
+def build_configs(args) -> List[Config]:
+    cfgs = [Config(m, r) for m in GRID if m in args.methods for r in args.ratios]
+    cfgs += [Config(m, r, dict(p), v) for r in args.extra_ratios for m, p, v in EXTRAS]
+    for r in getattr(args, "variant_ratios", None) or []:
+        cfgs += [Config("ipcv_config", r, p(r) if callable(p) else dict(p), v) for p, v in VARIANTS]
+        t = tuned_fields(r)
+        if t is not None:
+            cfgs.append(Config("ipcv_config", r, t, "tuned"))
+    return cfgs

@@ -1,0 +1,186 @@
+"""The one cost model and the one timer of the project.
+
+FLOPs (a multiply-add counts 2), for a pre-norm ViT block of width ``D`` with ``Lq`` query rows,
+``Lkv`` key/value rows and an FFN over ``L`` rows:
+
+* attention: q and out projections ``2·Lq·D²`` each, k and v projections ``2·Lkv·D²`` each,
+  ``QKᵀ`` and ``AV`` ``2·Lq·Lkv·D`` each (softmax, norms, biases and LayerScale not counted);
+* FFN: ``2·L·W`` with ``W`` the FFN's weight entries (``2·D·M`` for fc1/fc2 of width ``M``);
+* one key projection (ToMe / ToFu / DART metric, the bipartite selection's keys): ``2·L·D²``;
+* neighbour search of ``R`` removed rows among ``K`` kept: ``2·R·K·D``; one NGR evaluation with
+  ``k`` neighbours: ``2·R·min(k, K)·D``; bipartite similarities of ``n`` rows: ``2·n·⌊n/2⌋·D``;
+* patch embedding of ``n`` patches: ``2·n·C·p²·D``.
+
+:func:`config_flops` applies these to an :class:`~ipcv_core.IPCVConfig`'s schedule (the rows every
+block sees); the benchmark harness applies them to the rows each block branch really saw; ``ipcv
+tune`` compares configurations with them.  The FLOP ratio to vanilla is the *FLOP bound* a
+measured latency ratio is compared with.
+
+:func:`interleaved_latency` times a reference and a candidate alternately (``A, B, A, B, …``), and
+:func:`round_robin` any number of rows once per round — the way every latency of the project is
+measured on a shared machine.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Hashable, List, Mapping, Optional
+
+from .config import IPCVConfig, num_keep
+
+__all__ = [
+    "ModelDims", "attention_flops", "ffn_flops", "key_flops", "knn_flops", "ngr_flops", "matching_flops",
+    "patch_embed_flops", "block_flops", "config_flops", "Timing", "Rounds", "interleaved_latency", "round_robin",
+]
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Sizes the cost model needs.  ``ffn_params``: FFN weight entries when they are not ``2·D·M``
+    (gated FFNs, or a count read off a module); ``patch`` = 0 leaves the patch embedding out."""
+
+    dim: int
+    mlp: int = 0
+    patch: int = 0
+    channels: int = 3
+    ffn_params: Optional[int] = None
+
+    @property
+    def ffn_weights(self) -> int:
+        return self.ffn_params if self.ffn_params is not None else 2 * self.dim * self.mlp
+
+
+def attention_flops(lq: int, lkv: int, d: ModelDims) -> float:
+    D = d.dim
+    return 4.0 * lq * D * D + 4.0 * lkv * D * D + 4.0 * lq * lkv * D
+
+
+def ffn_flops(rows: int, d: ModelDims) -> float:
+    return 2.0 * rows * d.ffn_weights
+
+
+def key_flops(rows: int, d: ModelDims) -> float:
+    return 2.0 * rows * d.dim * d.dim
+
+
+def knn_flops(removed: int, kept: int, d: ModelDims) -> float:
+    return 2.0 * removed * kept * d.dim
+
+
+def ngr_flops(removed: int, kept: int, k: int, d: ModelDims, evaluations: int = 1) -> float:
+    """``evaluations`` NGR evaluations (one per AS block plus the reintegration)."""
+    return evaluations * 2.0 * removed * min(k, max(kept, 1)) * d.dim
+
+
+def matching_flops(rows: int, d: ModelDims) -> float:
+    """Bipartite similarities of ``rows`` rows at width ``D`` (an upper bound for head-averaged keys)."""
+    return 2.0 * rows * (rows // 2) * d.dim
+
+
+def patch_embed_flops(patches: int, d: ModelDims) -> float:
+    return 2.0 * patches * d.channels * d.patch * d.patch * d.dim
+
+
+def block_flops(q_rows: int, kv_rows: int, ffn_rows: int, d: ModelDims) -> float:
+    """One pre-norm block: attention of ``q_rows`` queries over ``kv_rows`` keys, FFN on ``ffn_rows``."""
+    return attention_flops(q_rows, kv_rows, d) + ffn_flops(ffn_rows, d)
+
+
+def config_flops(cfg: Optional[IPCVConfig], n_tokens: int, protected: int, depth: int, dims: ModelDims) -> float:
+    """FLOPs of a block stack of ``depth`` blocks for one segment of ``n_tokens`` (protected
+    included) under ``cfg`` (None: vanilla): every prune stage (neighbour search, the bipartite
+    keys + similarities), the AS range (queries on kept rows, keys/values on all, one NGR per
+    block) and the reintegration's NGR."""
+    if cfg is None:
+        return depth * block_flops(n_tokens, n_tokens, n_tokens, dims)
+    sched = dict(cfg.schedule)
+    rows = prev = n_tokens
+    total = 0.0
+    for b in range(depth):
+        if b in sched:
+            K = protected + num_keep(n_tokens - protected, sched[b], cfg.min_keep)
+            R = prev - K
+            total += knn_flops(R, K, dims) + ngr_flops(R, K, cfg.k, dims)  # search + reintegration
+            if cfg.needs_key_metric:
+                total += key_flops(prev, dims) + matching_flops(prev, dims)
+            prev = rows = K
+        if cfg.prune_layer <= b < cfg.as_end:
+            total += block_flops(rows, n_tokens, rows, dims) + ngr_flops(n_tokens - rows, rows, cfg.k, dims)
+        else:
+            total += block_flops(rows, rows, rows, dims)
+    return total
+
+
+# --------------------------------------------------------------------------------------------- timing
+@dataclass(frozen=True)
+class Timing:
+    """Interleaved timing of a reference and a candidate.
+
+    ``ratio``: median candidate time over median reference time (ratio of medians, the figure the
+    project reports); ``pair_ratio``: median of the per-pair ratios (each candidate run over the
+    reference run just before it; follows load changes); ``cpu_ratio``: the same per-pair median
+    with process CPU time (depends far less on other processes' load)."""
+
+    ref_s: float
+    s: float
+    pair_ratio: float
+    cpu_ratio: float
+
+    @property
+    def ratio(self) -> float:
+        return self.s / self.ref_s if self.ref_s > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """Per-call wall-clock and process CPU seconds of every row, round by round."""
+
+    wall: Dict[Hashable, List[float]]
+    cpu: Dict[Hashable, List[float]]
+
+    def median(self, key: Hashable) -> float:
+        return statistics.median(self.wall[key])
+
+
+def round_robin(fns: Mapping[Hashable, Callable[[], object]], repeats: int, warmup: int = 0,
+                sync: Optional[Callable[[], object]] = None) -> Rounds:
+    """Time every function of ``fns`` once per round, in order, for ``repeats`` rounds (after
+    ``warmup`` untimed rounds).  ``sync`` (e.g. ``torch.cuda.synchronize``) runs before and after
+    each timed call."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    wall: Dict[Hashable, List[float]] = {k: [] for k in fns}
+    cpu: Dict[Hashable, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            if sync is not None:
+                sync()
+            w, c = time.perf_counter(), time.process_time()
+            f()
+            if sync is not None:
+                sync()
+            wall[k].append(time.perf_counter() - w)
+            cpu[k].append(time.process_time() - c)
+    return Rounds(wall, cpu)
+
+
+def interleaved_latency(fn_ref: Callable[[], object], fn: Callable[[], object], repeats: int,
+                        warmup: int = 0) -> Timing:
+    """Run ``fn_ref`` and ``fn`` alternately ``repeats`` times each (after ``warmup`` untimed
+    rounds) and summarise with medians (wall and process CPU time of the same runs)."""
+    r = round_robin({"ref": fn_ref, "fn": fn}, repeats, warmup)
+    med = statistics.median
+    return Timing(
+        r.median("ref"),
+        r.median("fn"),
+        med(b / a for a, b in zip(r.wall["ref"], r.wall["fn"])),
+        med(b / a if a > 0 else math.nan for a, b in zip(r.cpu["ref"], r.cpu["fn"])),
+    )
+
+

@@ -1,0 +1,163 @@
+"""The variant rules, declared once: how tokens are selected, where NGR looks for neighbours, and
+whether removed tokens are merged.  :class:`~ipcv_core.IPCVConfig` validation, the prune step
+(:mod:`ipcv_core.prune`), the eager driver, the cost model and the graph rewrite all ask these
+rules what a configuration needs instead of comparing names.
+
+A :class:`SelectionRule` scores the rows of a stage (higher = keep) and declares what it needs:
+the patch grid (``needs_grid``), the block's attention keys (``needs_key_metric``: the driver calls
+``Block.key_features``, the rewrite copies the key path before the stage), the most a stage may
+remove (``max_removed_fraction``), whether it keeps one token per Z-order group of the grid
+(``grouped``), the rule later stages use once the rows no longer form a grid (``later_stage``),
+and whether it can run inside an exported graph (``exportable``).  New rules are registered with
+:func:`register_selection` (e.g. a harness's data-dependent baseline).
+
+The paper's method is ``selection="score"``, ``reconstruction="feature"``, ``merge="none"``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+import torch
+
+from .selection import feature_difference_score
+from .variants import bipartite_scores, hash_of
+
+__all__ = [
+    "ScoreInputs", "SelectionRule", "ReconstructionRule", "MergeRule",
+    "register_selection", "selection_rule", "selection_names",
+    "reconstruction_rule", "reconstruction_names", "merge_rule", "merge_names",
+]
+
+
+class ScoreInputs(NamedTuple):
+    """What a selection rule may read, for the ``L`` current rows of a stage."""
+
+    h: torch.Tensor  # (B, L, D) rows entering the stage's block (H_l)
+    h_prev: torch.Tensor  # (B, L, D) the same rows entering the previous block (H_(l-1))
+    positions: torch.Tensor  # (B, L) original positions of the rows
+    unit_metric: Optional[torch.Tensor]  # (B, L, C) unit-norm attention keys (rules with needs_key_metric)
+    x0: torch.Tensor  # (B, N, D) the block stack's input (original rows)
+    plan: object  # the stage's SegmentPlan (segments of the current rows)
+    seed: int
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    name: str
+    score: Callable[[ScoreInputs], torch.Tensor]  # -> (B, L) float, higher = keep
+    needs_grid: bool = False
+    needs_key_metric: bool = False
+    max_removed_fraction: float = 1.0
+    grouped: bool = False  # one kept token per Z-order group of the patch grid (first stage)
+    later_stage: Optional[str] = None  # rule for stages after the first (None = this one)
+    exportable: bool = True
+    description: str = ""
+
+    def at_stage(self, stage: int) -> "SelectionRule":
+        """The rule a stage uses: later stages' rows no longer form a grid."""
+        return selection_rule(self.later_stage) if stage > 0 and self.later_stage else self
+
+
+@dataclass(frozen=True)
+class ReconstructionRule:
+    name: str
+    needs_grid: bool  # neighbours by distance on the patch grid (needs SegmentLayout.grids)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    name: str
+    tracks_sizes: bool  # removed rows are absorbed by their first neighbour; proportional attention
+    averages: bool  # the absorbing row's value becomes the size-weighted mean
+    description: str = ""
+
+
+def _eq1(s: ScoreInputs) -> torch.Tensor:
+    return feature_difference_score(s.h, s.h_prev)
+
+
+def _hashed(s: ScoreInputs) -> torch.Tensor:
+    return hash_of(s.positions, s.seed)
+
+
+def _bipartite(s: ScoreInputs) -> torch.Tensor:
+    if s.unit_metric is None:
+        raise ValueError("selection='bipartite' needs the matching metric (the block's attention keys)")
+    return bipartite_scores(s.unit_metric, s.plan)
+
+
+_lock = threading.Lock()
+_SELECTIONS: Dict[str, SelectionRule] = {}
+_RECONSTRUCTIONS: Dict[str, ReconstructionRule] = {}
+_MERGES: Dict[str, MergeRule] = {}
+
+
+def register_selection(rule: SelectionRule) -> SelectionRule:
+    """Make ``rule`` available as ``IPCVConfig(selection=rule.name)`` (replaces a rule of that name)."""
+    if not isinstance(rule, SelectionRule):
+        raise TypeError(f"register_selection expects a SelectionRule, got {type(rule).__name__}")
+    if not 0.0 < rule.max_removed_fraction <= 1.0:
+        raise ValueError(f"SelectionRule.max_removed_fraction must be in (0, 1], got {rule.max_removed_fraction}")
+    with _lock:
+        _SELECTIONS[rule.name] = rule
+    return rule
+
+
+def _lookup(table: dict, kind: str, name: str):
+    try:
+        return table[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"IPCVConfig.{kind} must be one of {tuple(table)}, got {name!r}") from None
+
+
+def selection_rule(name: str) -> SelectionRule:
+    return _lookup(_SELECTIONS, "selection", name)
+
+
+def selection_names() -> Tuple[str, ...]:
+    return tuple(_SELECTIONS)
+
+
+def reconstruction_rule(name: str) -> ReconstructionRule:
+    return _lookup(_RECONSTRUCTIONS, "reconstruction", name)
+
+
+def reconstruction_names() -> Tuple[str, ...]:
+    return tuple(_RECONSTRUCTIONS)
+
+
+def merge_rule(name: str) -> MergeRule:
+    return _lookup(_MERGES, "merge", name)
+
+
+def merge_names() -> Tuple[str, ...]:
+    return tuple(_MERGES)
+
+
+for _r in (
+    SelectionRule("score", _eq1, description="eq. 1 top-K: the update of the previous block (the paper)"),
+    SelectionRule("random", _hashed, description="a seeded integer hash of the token's original position"),
+    SelectionRule("stratified", _eq1, needs_grid=True, grouped=True, later_stage="score",
+                  description="the best eq. 1 score of each spatially compact Z-order group"),
+    SelectionRule("stratified_random", _hashed, needs_grid=True, grouped=True, later_stage="random",
+                  description="one hashed token per Z-order group"),
+    SelectionRule("bipartite", _bipartite, needs_key_metric=True, max_removed_fraction=0.5,
+                  description="ToMe's bipartite soft matching on the block's attention keys"),
+):
+    register_selection(_r)
+for _c in (
+    ReconstructionRule("feature", False, "k nearest kept rows by feature distance at the stage (cosine of the "
+                                         "keys for key-metric selections)"),
+    ReconstructionRule("spatial", True, "k nearest kept rows on the patch grid"),
+):
+    _RECONSTRUCTIONS[_c.name] = _c
+for _m in (
+    MergeRule("none", False, False, "removed rows are only reconstructed (the paper)"),
+    MergeRule("size_bias", True, False, "proportional attention: log(size) of each kept row added to the logits"),
+    MergeRule("average", True, True, "size_bias + the kept row's value becomes the size-weighted mean"),
+):
+    _MERGES[_m.name] = _m
