@@ -101,7 +101,6 @@ def main(argv=None) -> int:
         cfg0 = cfg0.replace(prune_layer=1, as_depth=max(0, min(cfg0.as_depth, args.depth - 2)))
     base = ipcv_compile.rewrite(tower, cfg0.replace(retain=1.0))
     in_dim = tower.config.in_channels * tower.config.temporal_patch_size * tower.config.patch_size ** 2
-    embed = lambda t, px: t.patch_embed(px)  # noqa: E731  (the pixel-dependent part of prepare)
 
     results = []
     for n in args.tokens:
@@ -109,9 +108,9 @@ def main(argv=None) -> int:
         thw = torch.tensor(grid, device=device)
         g = torch.Generator(device=device).manual_seed(n)
         pv = torch.randn(n, in_dim, device=device, generator=g).to(dtype)
-        rows = {"vanilla": TowerForExport(base, (pv,), {"grid_thw": thw}, embed=embed, vanilla=True)}
+        rows = {"vanilla": TowerForExport(base, (pv,), {"grid_thw": thw}, vanilla=True)}
         for r in args.retain:
-            rows[f"IPCV r={r}"] = TowerForExport(base.with_config(retain=r), (pv,), {"grid_thw": thw}, embed=embed)
+            rows[f"IPCV r={r}"] = TowerForExport(base.with_config(retain=r), (pv,), {"grid_thw": thw})
         runners = {("eager", "hf eager"): lambda: tower(pv, grid_thw=thw)}
         build_s = {}
         for b in args.backends:

@@ -173,6 +173,12 @@ class TowerAdapter(ABC):
     def prepare(self, *args, **kwargs) -> Prepared:
         """The tower's own call signature -> block-stack inputs (data-dependent work, eager)."""
 
+    def embed(self, *args) -> torch.Tensor:
+        """Packed towers: the pixel-dependent part of :meth:`prepare` (the patch embedding), which a
+        one-layout export (``TowerForExport``) runs in its graph while the layout-dependent side
+        inputs are fixed."""
+        raise NotImplementedError(f"{type(self).__name__} has no separate patch embedding")
+
     @abstractmethod
     def finish(self, hidden: torch.Tensor, prep: Prepared) -> Any:
         """Block-stack output (full length, original order) -> the tower's original output type."""

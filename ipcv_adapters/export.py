@@ -27,11 +27,14 @@ class TowerForExport(nn.Module):
 
     Packed towers (several images in one sequence): ``prepare`` is data-dependent on the layout
     arguments (segment lengths, rotary positions), and the rewritten graph bakes each segment's keep
-    count, so the module is built for one fixed layout (``fixed_kwargs``): the side inputs (rotary
-    cos/sin, block-diagonal mask) are computed once here and stored as buffers, and
-    ``embed(tower, pixel_values)`` (the pixel-dependent part of ``prepare``, supplied by the caller
-    from the adapter's knowledge) runs in the graph.  One file per
-    layout: export it with static shapes (``dynamic=False``).
+    count, so the module is built for one fixed layout (``fixed_kwargs``, e.g. ``grid_thw``): the
+    side inputs (rotary cos/sin) are computed once here and stored as buffers, and the adapter's
+    ``embed`` (the pixel-dependent part of ``prepare``; ``embed=`` overrides it) runs in the graph.
+    One file per layout: export it with static shapes (``dynamic=False``).
+
+    ``vanilla=True``: the same tower without pruning — the rewrite at retain 1.0 of the same capture
+    (for packed towers: attention within each image / frame only, no IPCV op) — the baseline for
+    benchmarks of every backend.
     """
 
     def __init__(self, tower: nn.Module, example: Sequence[Any] = (), fixed_kwargs: Optional[Dict[str, Any]] = None,
@@ -39,26 +42,18 @@ class TowerForExport(nn.Module):
         super().__init__()
         if not isinstance(tower, IPCVTower):
             raise TypeError(f"TowerForExport expects an ipcv_adapters.IPCVTower, got {type(tower).__name__}")
-        self.tower = tower
+        self.tower = tower.with_config(retain=1.0) if vanilla else tower
         self.fixed_kwargs = dict(fixed_kwargs or {})
         self.packed = bool(tower.adapter.packed)
         self._template = None
-        # vanilla=True: the adapter's plain block stack instead of the rewritten graph (same prepare /
-        # finish, same attention implementation): the baseline for benchmarks of every backend
-        self.vanilla_stack = tower.adapter.block_stack() if vanilla else None
         if self.packed:
-            if embed is None:
-                raise ValueError(
-                    f"{tower.adapter.name} is a packed tower: TowerForExport needs embed= (the pixel-dependent part of "
-                    "prepare) and fixed_kwargs= (the layout, e.g. grid_thw)"
-                )
-            self.embed = embed
+            self.embed = embed or (lambda t, px: self.tower.adapter.embed(px))
             with torch.no_grad():
-                prep = tower.adapter.prepare(*example, **self.fixed_kwargs)
+                prep = self.tower.adapter.prepare(*example, **self.fixed_kwargs)
             self._template = prep
             for i, s in enumerate(prep.side):
                 self.register_buffer(f"side_{i}", s, persistent=False)
-            self.rewritten = self.vanilla_stack if vanilla else tower.graph_for(prep.layout)
+            self.rewritten = self.tower.graph_for(prep.layout)
 
     def forward(self, pixel_values: torch.Tensor):
         ad = self.tower.adapter
@@ -70,8 +65,7 @@ class TowerForExport(nn.Module):
             hidden = self.rewritten(*prep.stack_inputs)
         else:
             prep = ad.prepare(pixel_values, **self.fixed_kwargs)
-            stack = self.vanilla_stack if self.vanilla_stack is not None else self.tower.graph_for(prep.layout)
-            hidden = stack(*prep.stack_inputs)
+            hidden = self.tower.graph_for(prep.layout)(*prep.stack_inputs)
         out = ad.finish(hidden, prep)
         if isinstance(out, tuple):
             return tuple(t for t in out if isinstance(t, torch.Tensor))

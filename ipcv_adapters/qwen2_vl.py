@@ -6,9 +6,11 @@ Layout: all images and videos of a call are packed into one sequence ``(N, D)`` 
 video**: ``K = ceil(r * h * w)`` per frame, neighbours from the same frame.  Nothing is protected.
 
 Blocks ``blocks[i]``: ``x + attn(norm1(x), rotary cos/sin)``, ``x + mlp(norm2(x))``; fused ``qkv``,
-2-D rotary applied in fp32.  The block stack takes ``(hidden (N, D), cos (N, hd), sin (N, hd),
-mask (1, 1, N, N) bool)`` and runs the tower's blocks with the masked varlen attention function of
-:mod:`ipcv_adapters.attention` (one SDPA per block, one dynamic token dim).  After the blocks the
+2-D rotary applied in fp32.  The block stack takes ``(hidden (N, D), cos (N, hd), sin (N, hd))``
+and runs the tower's blocks with the packed attention function of :mod:`ipcv_adapters.attention`
+(one SDPA per block over the whole sequence, one dynamic token dim); the rewrite for the call's
+layout makes every SDPA attend within each frame (``ipcv.segment_attention``: no ``N x N`` mask
+anywhere, frames of a video and same-size images batched into one SDPA).  After the blocks the
 sequence is reintegrated (full length, original order), so the unchanged ``PatchMerger`` sees whole
 ``m x m`` groups: ``last_hidden_state`` (pre-merger) and ``pooler_output`` (merged) have the shapes
 and order of the original tower's.
@@ -27,37 +29,31 @@ from ipcv_compile.spec import LocateSpec
 from ipcv_core.driver import AttnContext, Branches
 from ipcv_core.segments import SegmentLayout
 
-from .attention import MASK_KWARG, register_masked_varlen
+from .attention import register_packed_sdpa
 from .base import Prepared, TowerAdapter, pop_output_request, shells
 from .common import reject_kwargs
 from .registry import register_adapter
 
-__all__ = ["Qwen2VLAdapter", "Qwen2VLBlockStack", "packed_segments"]
+__all__ = ["Qwen2VLAdapter", "Qwen2VLBlockStack", "segment_lengths"]
 
 
 class Qwen2VLBlockStack(nn.Module):
-    """``forward(hidden_states (N, D), cos, sin, attn_mask) -> (N, D)`` over the tower's blocks."""
+    """``forward(hidden_states (N, D), cos, sin) -> (N, D)`` over the tower's blocks."""
 
     def __init__(self, blocks: nn.ModuleList):
         super().__init__()
         self.blocks = blocks
 
-    def forward(self, hidden_states, cos, sin, attn_mask):
+    def forward(self, hidden_states, cos, sin):
         for blk in self.blocks:
-            # cu_seqlens is unused by the masked function; max_seqlen given -> no .item() in the tower
-            hidden_states = blk(hidden_states, cu_seqlens=None, position_embeddings=(cos, sin), max_seqlen=0,
-                                **{MASK_KWARG: attn_mask})
+            # cu_seqlens is unused by the packed function; max_seqlen given -> no .item() in the tower
+            hidden_states = blk(hidden_states, cu_seqlens=None, position_embeddings=(cos, sin), max_seqlen=0)
         return hidden_states
 
 
-def packed_segments(cu_seqlens: torch.Tensor, device=None):
-    """``cu_seqlens (S+1,)`` -> (segment lengths as ints, block-diagonal bool mask ``(1, 1, N, N)``)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    n = int(cu_seqlens[-1])
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths, output_size=n)
-    seg = seg.to(device) if device is not None else seg
-    mask = (seg[:, None] == seg[None, :])[None, None]
-    return tuple(int(v) for v in lengths.tolist()), mask
+def segment_lengths(cu_seqlens: torch.Tensor) -> tuple:
+    """``cu_seqlens (S+1,)`` -> the segment lengths as ints."""
+    return tuple(int(v) for v in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
 
 
 def _rows(table: torch.Tensor, pos) -> torch.Tensor:
@@ -74,7 +70,7 @@ class Qwen2VLAdapter(TowerAdapter):
 
     @property
     def attn_implementation(self) -> str:  # type: ignore[override]
-        return register_masked_varlen()
+        return register_packed_sdpa()
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -94,9 +90,8 @@ class Qwen2VLAdapter(TowerAdapter):
         n = int(cu[-1])
         x = torch.randn(n, t.config.embed_dim, dtype=self.dtype, device=self.device)
         cos, sin = t.rotary_pos_emb(x, pos)
-        _, mask = packed_segments(cu, self.device)
         N = Dim("tokens", min=2)
-        return (x, cos, sin, mask), ({0: N}, {0: N}, {0: N}, {2: N, 3: N})
+        return (x, cos, sin), ({0: N}, {0: N}, {0: N})
 
     # ------------------------------------------------------------------ per call
     def prepare(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor = None, **kwargs) -> Prepared:
@@ -111,9 +106,9 @@ class Qwen2VLAdapter(TowerAdapter):
         pos = get_vision_position_ids(grid_thw, t.spatial_merge_size, kwargs=kwargs)
         cu, _ = get_vision_attention_seqlens(grid_thw, t.config, kwargs=kwargs)
         reject_kwargs(kwargs, "Qwen2-VL vision tower")
-        x = t.patch_embed(hidden_states)
+        x = self.embed(hidden_states)
         cos, sin = t.rotary_pos_emb(x, pos)
-        lengths, mask = packed_segments(cu, x.device)
+        lengths = segment_lengths(cu)
         if sum(lengths) != x.shape[0]:
             raise ValueError(f"grid_thw / cu_seqlens describe {sum(lengths)} patches but hidden_states has {x.shape[0]}")
         m = int(t.spatial_merge_size)
@@ -121,7 +116,10 @@ class Qwen2VLAdapter(TowerAdapter):
         if [h * w for h, w in grids] != list(lengths):
             grids = None  # segments are not one frame each: grid-aware variants unavailable
         layout = SegmentLayout.packed(lengths, 0, grids, m if grids is not None else 1)
-        return Prepared(x, (cos, sin, mask), layout, req, {"grid_thw": grid_thw})
+        return Prepared(x, (cos, sin), layout, req, {"grid_thw": grid_thw})
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.tower.patch_embed(pixel_values)
 
     def finish(self, hidden: torch.Tensor, prep: Prepared):
         from transformers.modeling_outputs import BaseModelOutputWithPooling

@@ -14,7 +14,7 @@ from ipcv_core.segments import SegmentLayout
 
 from .extension import rewrite_module
 from .locate import GraphMap, locate
-from .passes.ipcv_rewrite import IPCVRewritePass, RewriteReport
+from .passes.ipcv_rewrite import IPCVRewritePass, RewriteReport, query_rows
 from .spec import LocateSpec
 
 __all__ = ["capture", "rewrite", "IPCVModule", "default_dynamic_shapes"]
@@ -125,7 +125,7 @@ class IPCVModule(nn.Module):
             v = n.meta.get("val")
             if info.get("role") == "attention_core" and isinstance(v, torch.Tensor):
                 q, k = n.args[0].meta["val"], n.args[1].meta["val"]
-                out.setdefault(b, {})["queries"] = str(q.shape[-2])
+                out.setdefault(b, {})["queries"] = str(query_rows(n, q))
                 out[b]["keys"] = str(k.shape[-2])
             if info.get("role") == "ffn" and isinstance(v, torch.Tensor) and "ffn" not in out.get(b, {}):
                 out.setdefault(b, {})["ffn"] = str(v.shape[-2] if v.dim() >= 2 else v.shape[0])

@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 from torch import nn
 
-__all__ = ["ENTRY_POINT_GROUP", "UnsupportedModuleError", "Rewriter", "register_rewriter", "rewriters", "rewrite_module"]
+__all__ = ["ENTRY_POINT_GROUP", "UnsupportedModuleError", "Rewriter", "register_rewriter", "unregister_rewriter",
+           "rewriters", "rewrite_module"]
 
 ENTRY_POINT_GROUP = "ipcv.rewriters"
 
@@ -47,6 +48,12 @@ def register_rewriter(name: str, fn: Rewriter) -> Rewriter:
         _runtime.pop(name, None)
         _runtime[name] = fn
     return fn
+
+
+def unregister_rewriter(name: str) -> None:
+    """Remove a rewriter added with :func:`register_rewriter` (entry points stay)."""
+    with _lock:
+        _runtime.pop(name, None)
 
 
 def _entry_points() -> Dict[str, Rewriter]:

@@ -1,5 +1,7 @@
 """The ops the rewrite inserts, registered with ``torch.library`` in the ``ipcv`` namespace:
-``torch.ops.ipcv.prune``, ``.reconstruct``, ``.gather_tokens``, ``.attention_bias``, ``.key_metric``.
+``torch.ops.ipcv.prune``, ``.reconstruct``, ``.ngr``, ``.segment_concat``, ``.segment_prefix``,
+``.segment_attention``,
+``.gather_tokens``, ``.attention_bias``, ``.key_metric``.
 
 Each is a CompositeImplicitAutograd op whose implementation is the ``ipcv_core`` function the
 eager driver runs, so
@@ -23,12 +25,14 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
+from ipcv_core.attention import segment_attention, segment_concat, segment_prefix
 from ipcv_core.config import IPCVConfig
 from ipcv_core.prune import PruneOutputs, prune_stage, reconstruct_nested
+from ipcv_core.reconstruct import ngr
 from ipcv_core.segments import SegmentLayout
 from ipcv_core.selection import is_tracing
 
-__all__ = ["prune", "reconstruct", "gather_tokens", "attention_bias", "key_metric", "layout_args", "config_args",
+__all__ = ["prune", "reconstruct", "ngr_rows", "segment_concat_op", "segment_prefix_op", "segment_attention_op", "gather_tokens", "attention_bias", "key_metric", "layout_args", "config_args",
            "RECONSTRUCT_FIELDS", "IPCV_OPS", "decompositions", "has_ipcv_ops"]
 
 _LIB = torch.library.Library("ipcv", "DEF")
@@ -196,18 +200,62 @@ def _key_metric(key):
     raise ValueError(f"attention keys of shape {tuple(key.shape)}: expected (B, H, L, E) or (H, L, E)")
 
 
-_IMPLS = {"prune": _prune, "reconstruct": _reconstruct, "gather_tokens": _gather_tokens,
+_LIB.define("ngr(Tensor x_keep, Tensor x_rem, Tensor x_keep_lp, Tensor nbr_idx, Tensor nbr_w, *, int token_dim) -> Tensor")
+
+
+def _ngr(x_keep, x_rem, x_keep_lp, nbr_idx, nbr_w, *, token_dim):
+    """Eq. 5 for the removed rows only (:func:`ipcv_core.reconstruct.ngr`): their values at the
+    current layer from the kept rows' ``x_keep`` (model layout), without restoring the order."""
+    rec = ngr(x_rem, _bnd(x_keep_lp, token_dim), _bnd(x_keep, token_dim), nbr_idx, nbr_w)
+    return _model_layout(rec, token_dim)
+
+
+_LIB.define("segment_concat(Tensor a, Tensor b, *, SymInt[] a_lengths, SymInt[] b_lengths, int dim) -> Tensor")
+
+
+def _segment_concat(a, b, *, a_lengths, b_lengths, dim):
+    """Rows of ``a`` and ``b`` interleaved per segment, ``[a_0; b_0; a_1; b_1; ...]``
+    (:func:`ipcv_core.attention.segment_concat`)."""
+    return segment_concat(a, b, a_lengths, b_lengths, dim)
+
+
+_LIB.define("segment_prefix(Tensor x, *, SymInt[] lengths, SymInt[] take, int dim) -> Tensor")
+
+
+def _segment_prefix(x, *, lengths, take, dim):
+    """The first ``take[i]`` rows of each segment (:func:`ipcv_core.attention.segment_prefix`)."""
+    return segment_prefix(x, lengths, take, dim)
+
+
+_LIB.define("segment_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, *, SymInt[] q_lengths, "
+            "SymInt[] kv_lengths, bool q_prefix, float? scale, bool enable_gqa) -> Tensor")
+
+
+def _segment_attention(q, k, v, attn_mask=None, *, q_lengths, kv_lengths, q_prefix, scale, enable_gqa):
+    """SDPA within each segment (:func:`ipcv_core.attention.segment_attention`): equal runs of
+    segments as one batched SDPA, no mask across segments."""
+    return segment_attention(q, k, v, attn_mask, q_lengths=q_lengths, kv_lengths=kv_lengths, q_prefix=q_prefix,
+                             scale=scale, enable_gqa=enable_gqa)
+
+
+_IMPLS = {"prune": _prune, "ngr": _ngr, "segment_concat": _segment_concat,
+          "segment_prefix": _segment_prefix, "segment_attention": _segment_attention, "reconstruct": _reconstruct, "gather_tokens": _gather_tokens,
           "attention_bias": _attention_bias, "key_metric": _key_metric}
 for _name, _fn in _IMPLS.items():
     _LIB.impl(_name, _fn, "CompositeImplicitAutograd")
 
 prune = torch.ops.ipcv.prune.default
 reconstruct = torch.ops.ipcv.reconstruct.default
+ngr_rows = torch.ops.ipcv.ngr.default
+segment_concat_op = torch.ops.ipcv.segment_concat.default
+segment_prefix_op = torch.ops.ipcv.segment_prefix.default
+segment_attention_op = torch.ops.ipcv.segment_attention.default
 gather_tokens = torch.ops.ipcv.gather_tokens.default
 attention_bias = torch.ops.ipcv.attention_bias.default
 key_metric = torch.ops.ipcv.key_metric.default
 #: every op the rewrite may insert
-IPCV_OPS = (prune, reconstruct, gather_tokens, attention_bias, key_metric)
+IPCV_OPS = (prune, reconstruct, ngr_rows, segment_concat_op, segment_prefix_op, segment_attention_op, gather_tokens, attention_bias,
+            key_metric)
 
 
 def decompositions() -> Dict[Any, Any]:

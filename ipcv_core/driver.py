@@ -32,11 +32,11 @@ from typing import Callable, List, Optional, Protocol, Sequence
 import torch
 
 from .config import IPCVConfig
-from .prune import PruneOutputs, prune_stage, reconstruct_nested, stage_plan
-from .segments import SegmentLayout, SegmentPlan, segment_ids, segment_mask
+from .prune import PruneOutputs, kept_lengths, prune_stage, reconstruct_nested, stage_plan
+from .segments import SegmentLayout, SegmentPlan
 from .selection import compact
 
-__all__ = ["AttnContext", "Block", "Branches", "DriverOutput", "run_blocks", "run_ipcv"]
+__all__ = ["AttnContext", "Block", "Branches", "DriverOutput", "attend", "run_blocks", "run_ipcv"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,37 @@ class AttnContext:
         if self.mask is None:
             return bias
         return bias.masked_fill(~self.mask, float("-inf"))
+
+    def segment(self, q_lo: int, q_len: int, kv_lo: int, kv_len: int) -> "AttnContext":
+        """The context of one segment: query rows ``[q_lo, q_lo+q_len)`` over kv rows
+        ``[kv_lo, kv_lo+kv_len)`` (positions — ``arange`` where they were implicit —, query-in-kv
+        indices, mask and bias sliced)."""
+        def pos(t, lo, n):
+            if t is None:
+                return torch.arange(lo, lo + n).unsqueeze(0)
+            return t[:, lo:lo + n]
+
+        return AttnContext(
+            q_pos=pos(self.q_pos, q_lo, q_len),
+            kv_pos=pos(self.kv_pos, kv_lo, kv_len),
+            q_in_kv=None if self.q_in_kv is None else self.q_in_kv[:, q_lo:q_lo + q_len] - kv_lo,
+            mask=None if self.mask is None else self.mask[..., q_lo:q_lo + q_len, kv_lo:kv_lo + kv_len],
+            bias=None if self.bias is None else self.bias[..., kv_lo:kv_lo + kv_len],
+        )
+
+
+def attend(blk, x_q: torch.Tensor, x_kv: torch.Tensor, ctx: AttnContext,
+           q_lengths: Optional[Sequence[int]] = None, kv_lengths: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """``blk.attention_branch`` with attention inside each segment only: packed rows (static
+    ``q_lengths`` / ``kv_lengths``, segments back to back) are attended segment by segment, so no
+    mask spans two segments; ``None``: the rows form one segment."""
+    if q_lengths is None or len(q_lengths) == 1:
+        return blk.attention_branch(x_q, x_kv, ctx)
+    outs, qo, ko = [], 0, 0
+    for ql, kl in zip(q_lengths, kv_lengths):
+        outs.append(blk.attention_branch(x_q[:, qo:qo + ql], x_kv[:, ko:ko + kl], ctx.segment(qo, ql, ko, kl)))
+        qo, ko = qo + ql, ko + kl
+    return torch.cat(outs, dim=1)
 
 
 class Block(Protocol):
@@ -124,19 +155,13 @@ class DriverOutput:
     stages: List[PruneOutputs] = field(default_factory=list)  # every prune stage, in order
 
 
-def _segment_ids(layout: SegmentLayout, n: int, device):
-    if layout.num_segments == 1:
-        return None
-    return segment_ids(layout, n, device).unsqueeze(0)
-
-
 def run_blocks(h: torch.Tensor, blocks: Sequence[Block], layout: SegmentLayout | None = None) -> torch.Tensor:
-    """The plain block stack (no pruning), through the same branch callables."""
-    layout = layout or SegmentLayout()
-    seg = _segment_ids(layout, h.shape[1], h.device)
-    ctx = AttnContext(mask=None if seg is None else segment_mask(seg, seg))
+    """The plain block stack (no pruning), through the same branch callables; attention within
+    each segment of ``layout``."""
+    lengths = (layout or SegmentLayout()).lengths
+    ctx = AttnContext()
     for blk in blocks:
-        h = h + blk.attention_branch(h, h, ctx)
+        h = h + attend(blk, h, h, ctx, lengths, lengths)
         h = h + blk.ffn_branch(h)
     return h
 
@@ -148,16 +173,17 @@ def run_ipcv(
     layout: SegmentLayout | None = None,
 ) -> DriverOutput:
     """Run ``blocks`` on ``h (B, N, D)`` with IPCV (``config.selection`` names the selection rule;
-    other rules are added with :func:`ipcv_core.rules.register_selection`)."""
+    other rules are added with :func:`ipcv_core.rules.register_selection`).  Attention stays
+    within each segment (image / frame) of ``layout``: packed segments are attended one by one."""
     if h.dim() != 3:
         raise ValueError(f"hidden states must be (B, N, D), got shape {tuple(h.shape)}")
     layout = layout or SegmentLayout()
     config.validate_depth(len(blocks))
     B, N, D = h.shape
     stage_of = {layer: i for i, (layer, _) in enumerate(config.schedule)}
-    seg = _segment_ids(layout, N, h.device)
-    seg_full = None if seg is None else seg.expand(B, N)
-    ctx = AttnContext(mask=None if seg is None else segment_mask(seg, seg))
+    full = layout.lengths  # per-segment rows (None: one segment per batch row)
+    rows_now = full  # per-segment rows of the current residual stream
+    ctx = AttnContext()
 
     stages: List[PruneOutputs] = []
     x, x_prev = h, h
@@ -170,22 +196,16 @@ def run_ipcv(
                              log_size=stages[-1].log_size if stages else None)
             stages.append(st)
             pos, x = st.positions, st.x_keep
-            seg_keep = None if seg is None else torch.gather(seg_full, 1, pos)
-            ctx = AttnContext(
-                q_pos=pos, kv_pos=pos,
-                mask=None if seg is None else segment_mask(seg_keep, seg_keep),
-                bias=st.log_size[:, None, None, :] if config.merge_rule.tracks_sizes else None,
-            )
+            rows_now = kept_lengths(layout, config, stage_of[li], N)
+            ctx = AttnContext(q_pos=pos, kv_pos=pos,
+                              bias=st.log_size[:, None, None, :] if config.merge_rule.tracks_sizes else None)
             if li == config.prune_layer:
-                as_ctx = AttnContext(
-                    q_pos=pos, kv_pos=None, q_in_kv=pos,
-                    mask=None if seg is None else segment_mask(seg_keep, seg_full),
-                )
+                as_ctx = AttnContext(q_pos=pos, kv_pos=None, q_in_kv=pos)
         x_prev = x
         if config.prune_layer <= li < config.as_end:
-            x = x + blk.attention_branch(x, reconstruct_nested(x, stages), as_ctx)
+            x = x + attend(blk, x, reconstruct_nested(x, stages), as_ctx, rows_now, full)
         else:
-            x = x + blk.attention_branch(x, x, ctx)
+            x = x + attend(blk, x, x, ctx, rows_now, rows_now)
         x = x + blk.ffn_branch(x)
 
     out = reconstruct_nested(x, stages) if config.reintegrate else x

@@ -18,7 +18,7 @@ from .segments import SegmentLayout, SegmentPlan, plan_segments
 from .selection import gather_rows, select_per_segment
 from .variants import absorb_sizes, grid_coords, merge_average, normalise_metric
 
-__all__ = ["PruneOutputs", "prune_stage", "stage_plan", "stage_layout", "reconstruct_nested", "layout_coords"]
+__all__ = ["PruneOutputs", "prune_stage", "stage_plan", "stage_layout", "kept_lengths", "reconstruct_nested", "layout_coords"]
 
 
 class PruneOutputs(NamedTuple):
@@ -74,6 +74,14 @@ def stage_plan(layout: SegmentLayout, config: IPCVConfig, stage: int, n_tokens) 
     before = plan_segments(layout, n_tokens, prev, config.min_keep)
     counts = [s.keep for s in plan_segments(layout, n_tokens, retain, config.min_keep).segments]
     return plan_segments(stage_layout(layout, config, stage, n_tokens), before.n_keep, retain, config.min_keep, counts)
+
+
+def kept_lengths(layout: SegmentLayout, config: IPCVConfig, stage: int, n_tokens) -> Optional[tuple]:
+    """Per-segment rows (protected included) that ``stage`` keeps of a packed layout; None for the
+    batched layout (one segment per row)."""
+    if layout.lengths is None:
+        return None
+    return tuple(s.protected + s.keep for s in stage_plan(layout, config, stage, n_tokens).segments)
 
 
 def prune_stage(

@@ -137,8 +137,11 @@ class SegmentPlan:
 
     @property
     def keeps_all(self) -> bool:
-        """True when nothing is removed (statically known)."""
-        return all(isinstance(s.remove, int) and s.remove == 0 for s in self.segments)
+        """True when nothing is removed (statically known, also for a symbolic token count)."""
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return all(s.remove == 0 if isinstance(s.remove, int) else statically_known_true(s.remove == 0)
+                   for s in self.segments)
 
 
 def plan_segments(layout: SegmentLayout, n_tokens, retain: float, min_keep: int = 1, keep_counts=None) -> SegmentPlan:

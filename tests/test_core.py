@@ -265,14 +265,21 @@ def test_restore_inverts_the_split():
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("grids,protected", [([(5, 5)], 0), ([(4, 4), (3, 5), (2, 3)], 1)])
 def test_retain_one_is_bit_identical(spec, grids, protected):
+    """At retain 1.0 the driver equals its unpruned path bit for bit; that path attends segment by
+    segment (no mask spans two segments), which equals the model with a block-diagonal mask — bit for
+    bit for one segment, to float rounding for several (other matmul shapes)."""
     m = SyntheticViT(spec).eval()
     h, cos, sin, mask, layout = make_inputs(spec, grids, protected)
     with torch.no_grad():
         ref = m(h, cos, sin, mask)
+        plain = m.norm(run_blocks(h, m.branches(cos, sin), layout))
         for lp, d in [(1, 0), (2, 3), (3, 2)]:
             out = run_ipcv(h, m.branches(cos, sin), IPCVConfig(retain=1.0, prune_layer=lp, as_depth=d), layout)
-            assert torch.equal(m.norm(out.hidden_states), ref)
-        assert torch.equal(m.norm(run_blocks(h, m.branches(cos, sin), layout)), ref)
+            assert torch.equal(m.norm(out.hidden_states), plain)
+    if len(grids) == 1:
+        assert torch.equal(plain, ref)
+    else:
+        assert (plain - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
 def paper_loop(m, h, cos, sin, cfg):

@@ -9,7 +9,7 @@ from torch.fx.passes.infra.pass_base import PassBase
 import ipcv_compile
 from ipcv_compile import LocateSpec, capture, locate
 from ipcv_compile import ops as ipcv_ops
-from ipcv_compile.extension import UnsupportedModuleError, register_rewriter, rewriters
+from ipcv_compile.extension import UnsupportedModuleError, register_rewriter, rewriters, unregister_rewriter
 from ipcv_compile.lower import export_program
 from ipcv_compile.passes.ipcv_rewrite import IPCVRewritePass, RewriteError, expected_rows
 from ipcv_core import IPCVConfig, SegmentLayout, run_ipcv
@@ -39,7 +39,8 @@ def test_pass_is_a_passbase_and_inserts_named_ipcv_ops(vit):
     assert isinstance(IPCVRewritePass(locate(_fresh(gm), SPEC), CFG, SegmentLayout.batched(1)), PassBase)
     targets = [n.target for n in rm.graph_module.graph.nodes if n.op == "call_function"]
     assert targets.count(ipcv_ops.prune) == 1
-    assert targets.count(ipcv_ops.reconstruct) == CFG.as_depth + 1  # AS blocks + reintegration
+    assert targets.count(ipcv_ops.reconstruct) == 1  # the reintegration
+    assert targets.count(ipcv_ops.ngr_rows) == CFG.as_depth  # AS blocks: the removed rows' values only
     code = rm.print_readable(print_output=False)
     assert "torch.ops.ipcv.prune.default(" in code and "torch.ops.ipcv.reconstruct.default(" in code
     assert "selection = 'score'" in code and "retain = 0.5" in code  # typed, printable static arguments
@@ -167,8 +168,12 @@ def test_rewrite_finds_rewriters_through_the_extension_point():
         return module
 
     register_rewriter("test_toy", toy_rewriter)
-    t = Toy()
-    assert ipcv_compile.rewrite(t, 0.5, k=4, cache_size=2) is t
-    assert seen["config"].retain == 0.5 and seen["config"].k == 4 and seen["options"] == {"cache_size": 2}
-    with pytest.raises(UnsupportedModuleError):
-        ipcv_compile.rewrite(nn.Linear(2, 2), retain=0.5)  # every rewriter declines: both say so
+    try:
+        t = Toy()
+        assert ipcv_compile.rewrite(t, 0.5, k=4, cache_size=2) is t
+        assert seen["config"].retain == 0.5 and seen["config"].k == 4 and seen["options"] == {"cache_size": 2}
+        with pytest.raises(UnsupportedModuleError, match=r"\[test_toy\] not a Toy[\s\S]*\[towers\]"):
+            ipcv_compile.rewrite(nn.Linear(2, 2), retain=0.5)  # every rewriter declines: each says why
+    finally:
+        unregister_rewriter("test_toy")
+    assert "test_toy" not in rewriters()

@@ -123,9 +123,7 @@ def example_inputs(tower, rt, args, kind: str):
         n = int(sum(t * h * w for t, h, w in grids))
         dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
         x = torch.randn(n, dim, generator=gen)
-        # the pixel-dependent part of the adapter's prepare() (see TowerForExport); until ipcv_adapters
-        # exposes it, named here
-        mod = TowerForExport(rt, (x,), {"grid_thw": thw}, embed=lambda t_, px: t_.patch_embed(px))
+        mod = TowerForExport(rt, (x,), {"grid_thw": thw})
         return mod, x, {"pixel_values": [n, dim], "grid_thw (baked in)": grids}
     cfg = tower.config
     size = args.image_size or (70 if kind == "tiny" else _first(getattr(cfg, "image_size", 224)))

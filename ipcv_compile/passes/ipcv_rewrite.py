@@ -48,7 +48,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ipcv_core.config import IPCVConfig
-from ipcv_core.prune import PruneOutputs, stage_plan
+from ipcv_core.prune import PruneOutputs, kept_lengths, stage_plan
 from ipcv_core.segments import SegmentLayout
 
 from .. import ops as ipcv_ops
@@ -93,6 +93,14 @@ class Cursor:
     stages: List[Dict[str, fx.Node]] = field(default_factory=list)  # per stage: PruneOutputs field -> node
     gathered: Dict[fx.Node, fx.Node] = field(default_factory=dict)  # side input -> at the current rows
     copies: Dict[int, List[fx.Node]] = field(default_factory=dict)  # block -> nodes the rewrite copied into it
+    cores: Dict[int, List[fx.Node]] = field(default_factory=dict)  # block -> its attention cores, as rewritten
+    n_tokens: object = None  # tokens of a batch row (an int for packed layouts, the token symbol's size else)
+    lengths: Optional[tuple] = None  # per-segment rows of the current residual stream (None: one per row)
+    as_rows: Optional[fx.Node] = None  # original positions of an AS block's rows [kept_i; removed_i] per segment
+    as_gathered: Dict[fx.Node, fx.Node] = field(default_factory=dict)  # side input -> at as_rows
+
+    def cores_of(self, blk: BlockInfo) -> List[fx.Node]:
+        return self.cores.setdefault(blk.index, list(blk.attn_cores))
 
     def block_nodes(self, blk: BlockInfo) -> List[fx.Node]:
         """The block's own nodes and the ones the rewrite copied into it."""
@@ -199,11 +207,18 @@ def insert_stage(cur: Cursor, blk: BlockInfo, stage: int) -> None:
                         kwargs, f"ipcv_prune{stage}" if multi else "ipcv_prune")
         outs = {f: cur.getitem(node, i) for i, f in enumerate(PruneOutputs._fields)}
     cur.stages.append(outs)
-    # side inputs of this stage's kept-row blocks (AS blocks use the full rows' values)
+    cur.lengths = kept_lengths(cur.layout, cfg, stage, cur.n_tokens)
+    # side inputs of this stage's blocks at the kept rows (AS blocks' attention: see narrow_attention)
     sched = cfg.schedule
     nxt = sched[stage + 1][0] if stage + 1 < len(sched) else gmap.depth
-    using = [b for b in gmap.blocks[blk.index:nxt] if not (cfg.prune_layer <= b.index < cfg.as_end)]
-    cur.gathered = gather_side_inputs(cur, using, outs["positions"], outs[PruneOutputs._fields[-1]], str(stage), {})
+    using = gmap.blocks[blk.index:nxt]
+    last = outs[PruneOutputs._fields[-1]]
+    cur.gathered = gather_side_inputs(cur, using, outs["positions"], last, str(stage), {})
+    as_blocks = [b for b in using if cfg.prune_layer <= b.index < cfg.as_end]
+    if as_blocks and len(sched) == 1:  # the AS rows [kept_i; removed_i] per segment, their side inputs
+        with cur.g.inserting_before(last.next):
+            cur.as_rows = concat_rows(cur, outs["positions"], outs["rem_idx"], 1, "ipcv_as_positions")
+        cur.as_gathered = gather_side_inputs(cur, as_blocks, cur.as_rows, cur.as_rows, f"{stage}as", {})
     cur.rows = outs["x_keep"]
     cur.copies.setdefault(blk.index, []).extend(copies)
 
@@ -221,14 +236,14 @@ def reconstruct_all(cur: Cursor, rows: fx.Node, where, name: str) -> fx.Node:
         return cur.call(ipcv_ops.reconstruct, (rows, flat), dict(token_dim=cur.gmap.token_dim), name)
 
 
-def narrow_attention(cur: Cursor, blk: BlockInfo) -> None:
-    """AS block: keys/values over all rows (kept + NGR-reconstructed), queries for the kept rows."""
+def _copy_attention_input(cur: Cursor, blk: BlockInfo, x_all: fx.Node) -> fx.Node:
+    """The path block input -> attention input (e.g. the pre-attention norm) copied onto ``x_all``;
+    every attention node then reads the copy."""
     g, rows = cur.g, cur.rows
-    x_full = reconstruct_all(cur, rows, g.inserting_before(blk.nodes[0]), f"ipcv_reconstruct_as{blk.index}")
     if blk.attn_input is rows:
-        full_attn_in = x_full
-    else:  # the path block input -> attention input (e.g. the pre-attention norm), copied on full rows
-        env = {rows: x_full}
+        full_attn_in = x_all
+    else:
+        env = {rows: x_all}
         with g.inserting_before(blk.attn_input.next):  # every input of the path is defined by then
             for n in _path_between(rows, blk.attn_input, blk.nodes):
                 c = g.node_copy(n, lambda a: env.get(a, a))
@@ -239,24 +254,294 @@ def narrow_attention(cur: Cursor, blk: BlockInfo) -> None:
         full_attn_in = env[blk.attn_input]
     for n in blk.attn_nodes:
         n.replace_input_with(blk.attn_input, full_attn_in)
-    pos, sym, hidden_val = cur.positions, cur.gmap.token_symbol, cur.gmap.hidden.meta["val"]
-    for core in blk.attn_cores:
-        q = core.args[0]
-        with g.inserting_before(core):
-            qk = cur.call(ipcv_ops.gather_tokens, (q, pos), dict(dims=[q.meta["val"].dim() - 2], batch="full"))
-            cur.report.query_gathers += 1
-            core.args = (qk,) + tuple(core.args[1:])
-            mask = _mask_of(core)
-            if isinstance(mask, fx.Node):
-                mv = mask.meta["val"]
-                if -2 % mv.dim() in token_symbol_dims(mv, sym):
-                    mode = _batch_mode(mv, (mv.dim() - 2,), hidden_val, cur.gmap.token_dim)
+    return full_attn_in
+
+
+def _token_mask_dims(cur: Cursor, mask) -> tuple:
+    if not isinstance(mask, fx.Node):
+        return ()
+    mv = mask.meta["val"]
+    return tuple(d for d in (mv.dim() - 2, mv.dim() - 1) if d in token_symbol_dims(mv, cur.gmap.token_symbol))
+
+
+def narrow_attention(cur: Cursor, blk: BlockInfo) -> None:
+    """AS block: keys/values over all rows (kept + NGR-reconstructed), queries for the kept rows.
+
+    One stage (the paper's method): the removed rows' values come from ``ipcv.ngr`` alone and join
+    the kept rows per segment as ``[kept_i; removed_i]`` (``ipcv.segment_concat``, no scatter into
+    the original order: attention does not depend on the order of its keys); the side inputs of the
+    attention follow that order (gathered once per stage, :attr:`Cursor.as_rows`); the queries are
+    the first ``K_i`` rows of each segment (``q_prefix``; a slice for one segment per row).
+    Several stages: the full sequence is restored in original order (``ipcv.reconstruct``) and the
+    queries gathered to the kept rows."""
+    g, rows, td = cur.g, cur.rows, cur.gmap.token_dim
+    full = cur.layout.lengths
+    if len(cur.stages) > 1:
+        x_all = reconstruct_all(cur, rows, g.inserting_before(blk.nodes[0]), f"ipcv_reconstruct_as{blk.index}")
+        _copy_attention_input(cur, blk, x_all)
+        pos, hidden_val = cur.positions, cur.gmap.hidden.meta["val"]
+        for core in cur.cores_of(blk):
+            q = core.args[0]
+            with g.inserting_before(core):
+                qk = cur.call(ipcv_ops.gather_tokens, (q, pos), dict(dims=[q.meta["val"].dim() - 2], batch="full"))
+                cur.report.query_gathers += 1
+                core.args = (qk,) + tuple(core.args[1:])
+                mask = _mask_of(core)
+                if mask is not None and (mask.meta["val"].dim() - 2) in _token_mask_dims(cur, mask):
+                    mv = mask.meta["val"]
+                    mode = _batch_mode(mv, (mv.dim() - 2,), hidden_val, td)
                     _set_mask(core, cur.call(ipcv_ops.gather_tokens, (mask, pos), dict(dims=[mv.dim() - 2], batch=mode)))
+        split_attention(cur, blk, cur.lengths, full)
+        return
+    st = cur.stages[-1]
+    with g.inserting_before(blk.nodes[0]):
+        rec = cur.call(ipcv_ops.ngr_rows, (rows, st["x_rem"], st["x_keep"], st["nbr_idx"], st["nbr_w"]),
+                       dict(token_dim=td), f"ipcv_ngr_as{blk.index}")
+        x_all = concat_rows(cur, rows, rec, td, f"ipcv_rows_as{blk.index}")
+    full_attn_in = _copy_attention_input(cur, blk, x_all)
+    # the attention's side inputs (rotary tables, masks) at the AS rows' order; a mask's query dim
+    # (for the one-segment-per-row slice below)
+    mask_qdim = {}
+    for core in cur.cores_of(blk):
+        m = _mask_of(core)
+        if isinstance(m, fx.Node) and (m.meta["val"].dim() - 2) in _token_mask_dims(cur, m):
+            mask_qdim[core] = m.meta["val"].dim() - 2
+    for n in list(blk.attn_nodes) + cur.copies.get(blk.index, []):
+        for s_, s_k in cur.as_gathered.items():
+            if s_ in n.all_input_nodes:
+                n.replace_input_with(s_, s_k)
+    prefix = []
+    for core in cur.cores_of(blk):
+        if not narrow_queries(cur, blk, core, full_attn_in):
+            prefix.append(core)
+        elif core in mask_qdim:  # compact queries: the mask's query rows too
+            with g.inserting_before(core):
+                _set_mask(core, _prefix_rows(cur, _mask_of(core), mask_qdim[core], f"{core.name}_mask_kept"))
+    if full is None:  # one segment per row: the kept rows are the first K of every row
+        for core in prefix:
+            q = core.args[0]
+            with g.inserting_before(core):
+                k_rows = g.call_function(torch.ops.aten.sym_size.int, (rows, td))
+                core.args = (g.call_function(torch.ops.aten.slice.Tensor, (q, q.meta["val"].dim() - 2, 0, k_rows)),) \
+                    + tuple(core.args[1:])
+                if core in mask_qdim:
+                    _set_mask(core, g.call_function(torch.ops.aten.slice.Tensor, (_mask_of(core), mask_qdim[core], 0, k_rows)))
+            cur.report.query_gathers += 1
+    else:
+        split_attention(cur, blk, cur.lengths, full, q_prefix=True, only=prefix)
+        split_attention(cur, blk, cur.lengths, full, q_prefix=False,
+                        only=[c for c in cur.cores_of(blk) if c not in prefix])
 
 
-def use_side_inputs(cur: Cursor, blk: BlockInfo) -> None:
-    """A kept-rows block reads the side inputs gathered to the current rows."""
+_MOVES = {
+    torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.permute.default, torch.ops.aten.transpose.int, torch.ops.aten.unbind.int,
+    torch.ops.aten.select.int, torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim,
+    torch.ops.aten.slice.Tensor, torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default,
+    operator.getitem,
+}
+
+
+def _kept_rows_of(cur: Cursor, a: fx.Node, name: str) -> Optional[fx.Node]:
+    """The kept rows of a value computed on an AS block's rows (``[kept_i; removed_i]`` per
+    segment): the first ``K_i`` rows of each segment along its one token dim."""
+    val = a.meta.get("val")
+    dims = token_symbol_dims(val, cur.gmap.token_symbol) if isinstance(val, torch.Tensor) else ()
+    if len(dims) != 1:
+        return None
+    return _prefix_rows(cur, a, dims[0], name)
+
+
+def _prefix_rows(cur: Cursor, a: fx.Node, dim: int, name: str) -> fx.Node:
+    """The first ``K_i`` rows of each segment of ``a`` along ``dim`` (a slice for one segment per row)."""
+    if cur.layout.lengths is None:
+        k_rows = cur.g.call_function(torch.ops.aten.sym_size.int, (cur.rows, cur.gmap.token_dim))
+        return cur.g.call_function(torch.ops.aten.slice.Tensor, (a, dim, 0, k_rows))
+    return cur.call(ipcv_ops.segment_prefix_op, (a,), dict(lengths=list(cur.layout.lengths), take=list(cur.lengths),
+                                                          dim=dim), name)
+
+
+def narrow_queries(cur: Cursor, blk: BlockInfo, core: fx.Node, full_attn_in: fx.Node) -> bool:
+    """AS block, one stage: the nodes only the query depends on (q projection, its rotary, ...)
+    run on the kept rows only.  Where the query path leaves a value shared with keys / values, it
+    takes that value's kept rows (the kept attention input itself, or the first ``K_i`` rows of each
+    segment); its side inputs become the kept rows' ones.  A fused q/k/v projection is split by
+    :func:`_split_fused_projection` so that q is projected for kept rows only.  Returns False (and
+    changes nothing) when the query shares its whole path with the keys."""
+    nodes = set(blk.attn_nodes) | set(cur.copies.get(blk.index, []))
+    q, k, v = core.args[:3]
+    kv_anc = _ancestors_within(k, nodes) | _ancestors_within(v, nodes)
+    q_only = _ancestors_within(q, nodes) - kv_anc
+    # a multi-output value (unbind, split) is not a row tensor: the query starts at its getitem
+    starts = {n for n in q_only if any(isinstance(a.meta.get("val"), (tuple, list)) and a not in q_only
+                                       for a in n.all_input_nodes)}
+    q_only -= starts
+    if not q_only:
+        return False
+    side_as = {s_k: s_ for s_, s_k in cur.as_gathered.items()}
+    kept_of: Dict[fx.Node, fx.Node] = {}
+    kept_attn_in = cur.rows if blk.attn_input is cur.rows else blk.attn_input
+    order = cur.order()
+    for n in sorted(q_only, key=order.get):
+        for a in list(n.all_input_nodes):
+            if a in q_only:
+                continue
+            if a in side_as:
+                n.replace_input_with(a, cur.gathered[side_as[a]])
+                continue
+            if a is full_attn_in:
+                n.replace_input_with(a, kept_attn_in)
+                continue
+            if a not in kept_of:
+                with cur.g.inserting_before(a.next):  # (inserting_after would reverse several new nodes)
+                    kr = _kept_rows_of(cur, a, f"{a.name}_kept")
+                if kr is None:
+                    continue  # not a row value (weights, sizes)
+                kept_of[a] = kr
+                _split_fused_projection(cur, blk, a, full_attn_in, kept_attn_in)
+            n.replace_input_with(a, kept_of[a])
+    cur.report.query_gathers += 1
+    return True
+
+
+def _split_fused_projection(cur: Cursor, blk: BlockInfo, start: fx.Node, full_attn_in: fx.Node,
+                            kept_attn_in: fx.Node) -> None:
+    """``start`` (the query's slice of a fused q/k/v projection, reached from it by reshapes /
+    permutes / unbind only): project q for the kept rows only — the fused linear becomes
+    ``linear(kept, W_q)`` (placed at the kept rows, zeros at the removed ones) concatenated with
+    ``linear(all, W_kv)``.  The q columns are found by running the path on column indices."""
+    g = cur.g
+    lins = [n for n in blk.attn_nodes if n.target is torch.ops.aten.linear.default and n.args[0] is full_attn_in]
+    if len(lins) != 1:
+        return
+    lin = lins[0]
+    path = [lin] + _path_between(lin, start, blk.attn_nodes)
+    if path[-1] is not start or any(n.target not in _MOVES for n in path[1:]):
+        return
+    cols = _probe_columns(cur, path)
+    if cols is None:
+        return
+    c0, c1 = cols
+    w, b = lin.args[1], (lin.args[2] if len(lin.args) > 2 else None)
+    with g.inserting_before(lin):
+        def piece(t, lo, hi):
+            return g.call_function(torch.ops.aten.slice.Tensor, (t, 0, lo, hi))
+
+        width = _out_features(cur, lin)
+        keep_cols = [(0, c0), (c1, width)]
+        w_rest = [piece(w, lo, hi) for lo, hi in keep_cols if hi > lo]
+        b_rest = [piece(b, lo, hi) for lo, hi in keep_cols if hi > lo] if b is not None else None
+        w_rest = w_rest[0] if len(w_rest) == 1 else g.call_function(torch.ops.aten.cat.default, (w_rest, 0))
+        if b_rest is not None:
+            b_rest = b_rest[0] if len(b_rest) == 1 else g.call_function(torch.ops.aten.cat.default, (b_rest, 0))
+        q_lin = g.call_function(torch.ops.aten.linear.default, (kept_attn_in, piece(w, c0, c1),
+                                                                 piece(b, c0, c1) if b is not None else None))
+        rest = g.call_function(torch.ops.aten.linear.default, (full_attn_in, w_rest, b_rest))
+        td = cur.gmap.token_dim
+        n_kept = g.call_function(torch.ops.aten.sym_size.int, (cur.rows, td))
+        rem_rows = g.call_function(torch.ops.aten.slice.Tensor, (rest, td, n_kept, None))
+        zeros = g.call_function(torch.ops.aten.zeros_like.default,
+                                (g.call_function(torch.ops.aten.slice.Tensor, (rem_rows, -1, 0, c1 - c0)),))
+        q_pad = concat_rows(cur, q_lin, zeros, td, f"{lin.name}_q")
+        parts = [q_pad, rest] if c0 == 0 else [g.call_function(torch.ops.aten.slice.Tensor, (rest, -1, 0, c0)), q_pad,
+                                               g.call_function(torch.ops.aten.slice.Tensor, (rest, -1, c0, None))]
+        fused = g.call_function(torch.ops.aten.cat.default, (parts, -1))
+    lin.replace_all_uses_with(fused)
+    cur.report.inserted["q_projection_split"] += 1
+
+
+def _out_features(cur: Cursor, lin: fx.Node) -> int:
+    w = lin.args[1]
+    val = w.meta.get("val")
+    if val is None and w.op == "get_attr":
+        val = cur.g.owning_module.get_parameter(w.target)
+    return int(val.shape[0])
+
+
+def _probe_columns(cur: Cursor, path: List[fx.Node]):
+    """Run ``path`` (a linear, then data movement only) on a tensor whose entries are their column
+    index; the query's columns, if they form one block ``[c0, c1)``."""
+    lin = path[0]
+    width = _out_features(cur, lin)
+    sym = cur.gmap.token_symbol
+    for rows in (7, 11, 13):
+        env = {lin: torch.arange(width, dtype=torch.float32).expand(rows, width).clone()}
+        if cur.gmap.token_dim == 1:
+            env[lin] = env[lin].unsqueeze(0)
+
+        def arg(a):
+            if isinstance(a, fx.Node):
+                if a in env:
+                    return env[a]
+                if _is_tok_sym(a, sym):
+                    return rows
+                raise KeyError(a.name)
+            return a
+
+        try:
+            for n in path[1:]:
+                env[n] = n.target(*fx.node.map_aggregate(n.args, arg), **fx.node.map_aggregate(n.kwargs, arg))
+        except Exception:
+            return None
+        out = env[path[-1]]
+        if not isinstance(out, torch.Tensor) or list(out.shape).count(rows) != 1:
+            continue
+        cols = sorted({int(c) for c in out.unique().tolist()})
+        if cols == list(range(cols[0], cols[-1] + 1)):
+            return cols[0], cols[-1] + 1
+        return None
+    return None
+
+
+def concat_rows(cur: Cursor, kept: fx.Node, removed: fx.Node, dim: int, name: str) -> fx.Node:
+    """The kept and the removed rows of the last stage, per segment ``[kept_i; removed_i]``."""
+    full = cur.layout.lengths
+    if full is None:
+        n = cur.g.call_function(torch.ops.aten.cat.default, ([kept, removed], dim))
+        n.name = cur.g._graph_namespace.create_name(name, None)
+        return n
+    kept_l = cur.lengths
+    return cur.call(ipcv_ops.segment_concat_op, (kept, removed),
+                    dict(a_lengths=list(kept_l), b_lengths=[n - k for n, k in zip(full, kept_l)], dim=dim), name)
+
+
+def split_attention(cur: Cursor, blk: BlockInfo, q_lengths, kv_lengths, q_prefix: bool = False, only=None) -> None:
+    """Packed rows: every SDPA of the block becomes ``ipcv.segment_attention`` over the static
+    segment lengths — each image / frame attends to its own rows only, no mask spans two segments
+    (equal runs of segments are one batched SDPA).  One segment per row: nothing to do."""
+    if q_lengths is None or (len(q_lengths) == 1 and not q_prefix):
+        return
+    new_cores = []
+    for core in cur.cores_of(blk):
+        if only is not None and core not in only:
+            new_cores.append(core)
+            continue
+        q, k, v = core.args[:3]
+        kw = dict(core.kwargs)
+        extra = dict(zip(("attn_mask", "dropout_p", "is_causal"), core.args[3:]))
+        kw.update(extra)
+        if kw.get("dropout_p", 0.0) or kw.get("is_causal", False):
+            raise RewriteError(f"{core.name}: per-segment attention needs dropout_p=0 and is_causal=False")
+        with cur.g.inserting_before(core):
+            seg = cur.call(ipcv_ops.segment_attention_op, (q, k, v, kw.get("attn_mask")),
+                           dict(q_lengths=list(q_lengths), kv_lengths=list(kv_lengths), q_prefix=q_prefix,
+                                scale=kw.get("scale"), enable_gqa=bool(kw.get("enable_gqa", False))))
+        seg.meta = dict(core.meta)
+        seg.meta["ipcv"] = dict(core.meta.get("ipcv", {}), role="attention_core")
+        core.replace_all_uses_with(seg)
+        cur.g.erase_node(core)
+        new_cores.append(seg)
+    cur.cores[blk.index] = new_cores
+
+
+def use_side_inputs(cur: Cursor, blk: BlockInfo, exclude=()) -> None:
+    """A kept-rows block (or the kept-row part of an AS block: ``exclude`` its attention) reads the
+    side inputs gathered to the current rows.  Only the block's own nodes: copies made by the
+    rewrite (key path on the incoming rows, AS path on all rows) read their own."""
+    skip = set(exclude)
     for n in blk.nodes:
+        if n in skip:
+            continue
         for s_, s_k in cur.gathered.items():
             if s_ in n.all_input_nodes:
                 n.replace_input_with(s_, s_k)
@@ -264,7 +549,7 @@ def use_side_inputs(cur: Cursor, blk: BlockInfo) -> None:
 
 def size_bias(cur: Cursor, blk: BlockInfo) -> None:
     """Proportional attention: every SDPA of the block adds ``log(size)`` of its keys."""
-    for core in blk.attn_cores:
+    for core in cur.cores_of(blk):
         with cur.g.inserting_before(core):
             bias = cur.call(ipcv_ops.attention_bias, (_mask_of(core), cur.log_size),
                             dict(dtype=core.args[0].meta["val"].dtype))
@@ -322,7 +607,7 @@ def reintegrate(cur: Cursor) -> None:
     last = cur.gmap.blocks[-1].output
     users = list(cur.gmap.final_users)
     if cur.config.reintegrate and users:
-        full = reconstruct_all(cur, last, cur.g.inserting_after(last), "ipcv_reintegrate")
+        full = reconstruct_all(cur, last, cur.g.inserting_after(last), "ipcv_reconstruct")
         for u in users:
             u.replace_input_with(last, full)
 
@@ -396,15 +681,24 @@ def _ancestors_within(dst: fx.Node, within: set) -> set:
 
 
 # --------------------------------------------------------------------------------------------- the pass
-def expected_rows(config: IPCVConfig, layout: SegmentLayout, depth: int, n_tokens: int) -> List[Dict[str, int]]:
+def query_rows(core: fx.Node, q_val) -> int:
+    """Rows of queries an attention core computes (``ipcv.segment_attention`` in ``q_prefix`` mode
+    takes the first rows of each segment of a longer ``q``)."""
+    if core.target is ipcv_ops.segment_attention_op:
+        return sum(core.kwargs["q_lengths"])
+    return q_val.shape[-2]
+
+
+def expected_rows(config: IPCVConfig, layout: SegmentLayout, depth: int, n_tokens: int,
+                  keeps_all: bool = False) -> List[Dict[str, int]]:
     """Per block, the rows its attention queries / keys and its FFN should see after the rewrite,
     for a batch row of ``n_tokens`` tokens (static layouts: their own count)."""
-    stage_of = {layer: i for i, (layer, _) in enumerate(config.schedule)}
+    stage_of = {} if keeps_all else {layer: i for i, (layer, _) in enumerate(config.schedule)}
     rows, out = n_tokens, []
     for b in range(depth):
         if b in stage_of:
             rows = stage_plan(layout, config, stage_of[b], n_tokens).n_keep
-        as_block = config.prune_layer <= b < config.as_end
+        as_block = config.prune_layer <= b < config.as_end and not keeps_all
         out.append({"queries": rows, "keys": n_tokens if as_block else rows, "ffn": rows})
     return out
 
@@ -448,7 +742,7 @@ class IPCVRewritePass(PassBase):
 
     def ensures(self, gm: fx.GraphModule) -> None:
         gm.graph.lint()
-        first = self.config.schedule[0][0]
+        first = self.config.schedule[0][0] if not self.keeps_all else self.gmap.depth
         sym = self.gmap.token_symbol
         live = set(gm.graph.nodes)
         for blk in self.gmap.blocks[first:]:
@@ -461,44 +755,66 @@ class IPCVRewritePass(PassBase):
             self._check_rows(gm)
 
     def _check_rows(self, gm: fx.GraphModule) -> None:
-        gmap = self.gmap
+        gmap, cur = self.gmap, self._cursor
         n_static = self.layout.static_tokens
         n = n_static if n_static is not None else int(gmap.hidden.meta["val"].shape[gmap.token_dim].node.hint)
-        probes = {}
-        for blk in gmap.blocks:
-            core = blk.attn_cores[0]
-            probes[blk.index] = (core.args[0], core.args[1], blk.ffn_input)
+        probes = {blk.index: (cur.cores_of(blk)[0], blk.ffn_input) for blk in gmap.blocks}
         try:
-            vals = probe_shapes(gm, [p for ps in probes.values() for p in ps], {gmap.token_symbol: n})
+            vals = probe_shapes(gm, [a for core, f in probes.values() for a in (*core.args[:2], f)],
+                                {gmap.token_symbol: n})
         except Exception as e:
             raise RewriteError(f"the rewritten graph does not run at the example sizes ({n} tokens): "
                                f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
-        want = expected_rows(self.config, self.layout, gmap.depth, n)
-        for b, (q, k, f) in probes.items():
-            got = {"queries": vals[q].shape[-2], "keys": vals[k].shape[-2], "ffn": vals[f].shape[gmap.token_dim]}
+        want = expected_rows(self.config, self.layout, gmap.depth, n, self.keeps_all)
+        for b, (core, f) in probes.items():
+            got = {"queries": query_rows(core, vals[core.args[0]]), "keys": vals[core.args[1]].shape[-2],
+                   "ffn": vals[f].shape[gmap.token_dim]}
             if got != want[b]:
                 raise RewriteError(f"block {b}: rows seen after the rewrite {got} differ from the schedule's {want[b]}")
 
     # ------------------------------------------------------------------ the rewrite
     def call(self, gm: fx.GraphModule) -> PassResult:
-        cfg, gmap = self.config, self.gmap
+        cfg, gmap, layout = self.config, self.gmap, self.layout
         first = cfg.schedule[0][0]
         stage_of = {layer: i for i, (layer, _) in enumerate(cfg.schedule)}
-        cur = self._cursor = Cursor(gm.graph, gmap, cfg, self.layout, self.report, rows=gmap.blocks[first].input,
-                                    prev_rows=gmap.blocks[first - 1].input)
+        n_tokens = layout.static_tokens if layout.static_tokens is not None else \
+            gmap.hidden.meta["val"].shape[gmap.token_dim]
+        cur = self._cursor = Cursor(gm.graph, gmap, cfg, layout, self.report, rows=gmap.blocks[first].input,
+                                    prev_rows=gmap.blocks[first - 1].input, n_tokens=n_tokens,
+                                    lengths=layout.lengths)
+        if self.keeps_all:  # nothing is removed (retain 1.0): only attention within each segment
+            for blk in gmap.blocks:
+                split_attention(cur, blk, layout.lengths, layout.lengths)
+            return self._finish(gm)
+        for blk in gmap.blocks[:first]:
+            split_attention(cur, blk, layout.lengths, layout.lengths)
         for blk in gmap.blocks[first:]:
             if blk.index in stage_of:
                 insert_stage(cur, blk, stage_of[blk.index])
             feed_residual(cur, blk)
             if cfg.prune_layer <= blk.index < cfg.as_end:
                 narrow_attention(cur, blk)
+                use_side_inputs(cur, blk, exclude=blk.attn_nodes)
             else:
                 use_side_inputs(cur, blk)
                 if cfg.merge_rule.tracks_sizes:
                     size_bias(cur, blk)
+                split_attention(cur, blk, cur.lengths, cur.lengths)
             follow_token_count(cur, blk)
             cur.prev_rows, cur.rows = cur.rows, blk.output
         reintegrate(cur)
+        return self._finish(gm)
+
+    @property
+    def keeps_all(self) -> bool:
+        """True when no stage removes anything (statically known): the rewrite is then the identity
+        but for per-segment attention."""
+        n = self.layout.static_tokens
+        n = n if n is not None else self.gmap.hidden.meta["val"].shape[self.gmap.token_dim]
+        return all(stage_plan(self.layout, self.config, i, n).keeps_all for i in range(len(self.config.schedule)))
+
+    def _finish(self, gm: fx.GraphModule) -> PassResult:
+        gmap = self.gmap
         clean_up(gm)
         n_static = self.layout.static_tokens  # a packed layout or a patch grid fixes the token count
         static = {gmap.token_symbol: n_static} if n_static is not None else None
