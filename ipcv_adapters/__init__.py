@@ -27,7 +27,19 @@ from . import internvl as _internvl  # noqa: E402,F401
 from . import dinov2 as _dinov2  # noqa: E402,F401
 from . import clip_siglip as _clip_siglip  # noqa: E402,F401
 
+
+
+def compress(model, *args, **kwargs):
+    """IPCV in the vision tower + DART / FastV in the language model, installed in place; returns the
+    model.  ``compress(model, vit_retain=0.35, llm="dart" | "fastv" | None, llm_retain=0.35,
+    llm_layer=2)`` — see :func:`ipcv_adapters.llm.compress` for every option."""
+    from .llm import compress as _compress  # imports transformers only when used
+
+    return _compress(model, *args, **kwargs)
+
+
 __all__ = [
+    "compress",
     "OutputRequest", "Prepared", "TowerAdapter", "attention_shell", "pop_output_request", "shells",
     "UnsupportedTowerError", "adapters", "find_adapter", "register_adapter", "rewrite_with_adapter",
     "run_eager", "supported_towers", "IPCVTower",

@@ -3,7 +3,8 @@
 ``tiny_tower(name)`` builds one of the supported vision towers with 4 blocks; ``TINY_IPCV`` is an
 IPCV config that fits them (``l_p=1, Δ=2, k=4``; the paper defaults need >= 10 blocks).
 ``tiny_qwen2vl_vlm`` / ``tiny_internvl_vlm`` build whole ``...ForConditionalGeneration`` models
-with a 2-layer LM, and ``*_generate_inputs`` the matching ``generate()`` keyword arguments.
+with a 2-layer LM (``text_layers=``), and ``*_generate_inputs`` the matching ``generate()`` keyword
+arguments; ``left_pad_batch`` stacks several prompts into one left-padded batch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ipcv_core.config import IPCVConfig
 __all__ = [
     "TINY_IPCV", "TOWERS", "tiny_tower", "tower_inputs", "qwen2vl_inputs",
     "tiny_qwen2vl_vlm", "qwen2vl_generate_inputs", "tiny_internvl_vlm", "internvl_generate_inputs",
+    "left_pad_batch",
 ]
 
 TINY_IPCV = IPCVConfig(retain=0.35, prune_layer=1, as_depth=2, k=4)
@@ -84,11 +86,11 @@ def tower_inputs(name: str, batch: int = 2, seed: int = 0, dtype=torch.float32, 
 
 
 # --------------------------------------------------------------------------------------------- VLMs
-def tiny_qwen2vl_vlm(vision_depth: int = 4, seed: int = 0):
+def tiny_qwen2vl_vlm(vision_depth: int = 4, seed: int = 0, text_layers: int = 2):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
                          bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0),
@@ -100,16 +102,17 @@ def tiny_qwen2vl_vlm(vision_depth: int = 4, seed: int = 0):
 
 
 def qwen2vl_generate_inputs(entries: Sequence[Tuple[str, Tuple[int, int, int]]], seed: int = 0,
-                            max_new_tokens: int = 4) -> Dict[str, torch.Tensor]:
-    """``generate()`` kwargs for a prompt holding ``entries`` = ``[("image"|"video", (t, h, w)), ...]``."""
+                            max_new_tokens: int = 4, question: Sequence[int] = (12, 13)) -> Dict[str, torch.Tensor]:
+    """``generate()`` kwargs for a prompt holding ``entries`` = ``[("image"|"video", (t, h, w)), ...]``,
+    followed by the ``question`` token ids."""
     ids: List[int] = [BOS, 10, 11]
     tt: List[int] = [0, 0, 0]
     for kind, (t, h, w) in entries:
         n = t * h * w // 4  # merged tokens (spatial_merge_size 2)
         ids += [VS] + [IMG if kind == "image" else VID] * n + [VE]
         tt += [0] + [1 if kind == "image" else 2] * n + [0]
-    ids += [12, 13]
-    tt += [0, 0]
+    ids += list(question)
+    tt += [0] * len(question)
     input_ids = torch.tensor([ids])
     kw = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
               mm_token_type_ids=torch.tensor([tt], dtype=torch.int32), max_new_tokens=max_new_tokens, do_sample=False)
@@ -122,13 +125,13 @@ def qwen2vl_generate_inputs(entries: Sequence[Tuple[str, Tuple[int, int, int]]],
     return kw
 
 
-def tiny_internvl_vlm(vision_depth: int = 4, seed: int = 0):
+def tiny_internvl_vlm(vision_depth: int = 4, seed: int = 0, text_layers: int = 2):
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     cfg = InternVLConfig(
         vision_config=_vision_kwargs("internvl", vision_depth),
         text_config=dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
                          bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0),
         image_token_id=IMG, downsample_ratio=0.5, image_seq_length=4,
     )
@@ -150,3 +153,28 @@ def internvl_generate_inputs(tiles: int, seed: int = 0, max_new_tokens: int = 4)
     return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                 pixel_values=torch.randn(tiles, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g),
                 max_new_tokens=max_new_tokens, do_sample=False)
+
+
+PAD = 0  # the tiny LMs' pad_token_id
+_PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
+_CONCAT = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def left_pad_batch(prompts: Sequence[Dict[str, torch.Tensor]], pad_token_id: int = PAD) -> Dict[str, torch.Tensor]:
+    """Stack single-prompt ``generate()`` kwargs (from ``*_generate_inputs``) into one left-padded batch:
+    per-token inputs are padded on the left (``attention_mask`` 0, ``mm_token_type_ids`` 0), visual inputs
+    are concatenated in row order (the order the processors emit them); other keys come from the first."""
+    width = max(p["input_ids"].shape[1] for p in prompts)
+    out: Dict[str, torch.Tensor] = {k: v for k, v in prompts[0].items() if k not in _PER_TOKEN + _CONCAT}
+    for key in _PER_TOKEN:
+        if key not in prompts[0]:
+            continue
+        fill = pad_token_id if key == "input_ids" else 0
+        rows = [torch.cat([torch.full((1, width - p[key].shape[1]), fill, dtype=p[key].dtype), p[key]], dim=1)
+                for p in prompts]
+        out[key] = torch.cat(rows, dim=0)
+    for key in _CONCAT:
+        parts = [p[key] for p in prompts if key in p]
+        if parts:
+            out[key] = torch.cat(parts, dim=0)
+    return out

@@ -184,3 +184,68 @@ def interleaved_latency(fn_ref: Callable[[], object], fn: Callable[[], object], 
     )
 
 
+# ---- LLM ------------------------------------------------------------------------------------------
+# The language-model half of an MLLM (decoder layers with grouped-query attention and a gated FFN, as in
+# Qwen2 / Qwen2-VL), with the same conventions as above: a multiply-add counts 2; per decoder layer with
+# ``q`` new rows attending over ``kv`` cached + new rows: q and o projections ``2·q·D·(H·hd)`` each, k and v
+# projections ``2·q·D·(Hkv·hd)`` each, ``QKᵀ`` and ``AV`` ``2·q·kv·(H·hd)`` each (the full rectangle, as
+# a masked SDPA computes it; norms, rotary, softmax and biases not counted), FFN ``2·q·(3·D·I)``
+# (gate, up, down).  The LM head costs ``2·D·V`` per row it is applied to.  KV-cache bytes: every entry of
+# every layer stores ``2·Hkv·hd`` values.
+
+@dataclass(frozen=True)
+class LLMDims:
+    """Sizes of a decoder-only LM (``gated``: SwiGLU FFN with 3 matrices, else 2)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    gated: bool = True
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def llm_layer_flops(q_rows: int, kv_rows: int, d: LLMDims) -> float:
+    """One decoder layer: ``q_rows`` new rows attending over ``kv_rows`` rows (cache + new)."""
+    D = d.hidden
+    proj = 2.0 * q_rows * D * (2 * d.q_dim + 2 * d.kv_dim)
+    att = 4.0 * q_rows * kv_rows * d.q_dim
+    ffn = 2.0 * q_rows * (3 if d.gated else 2) * D * d.intermediate
+    return proj + att + ffn
+
+
+def lm_head_flops(rows: int, d: LLMDims) -> float:
+    return 2.0 * rows * d.hidden * d.vocab
+
+
+def llm_prefill_flops(rows_per_layer, d: LLMDims, head_rows: int = 1) -> float:
+    """Prefill with ``rows_per_layer[i]`` tokens in layer ``i`` (self-attention among them) and the LM head
+    on ``head_rows`` rows (``generate`` computes the last row's logits only)."""
+    if len(rows_per_layer) != d.layers:
+        raise ValueError(f"rows_per_layer has {len(rows_per_layer)} entries for {d.layers} layers")
+    return sum(llm_layer_flops(r, r, d) for r in rows_per_layer) + lm_head_flops(head_rows, d)
+
+
+def llm_decode_flops(cached_per_layer, steps: int, d: LLMDims) -> float:
+    """``steps`` decoding forwards of one token each after a prefill that left ``cached_per_layer[i]``
+    entries in layer ``i`` (step ``s`` attends over ``cached + s + 1`` entries), LM head included."""
+    return sum(llm_layer_flops(1, c + s + 1, d) for s in range(steps) for c in cached_per_layer) \
+        + steps * lm_head_flops(1, d)
+
+
+def kv_cache_bytes(entries_per_layer, d: LLMDims, bytes_per_value: int = 2) -> float:
+    """KV-cache size for ``entries_per_layer[i]`` cached tokens in layer ``i`` (bf16: 2 bytes)."""
+    return float(sum(entries_per_layer)) * 2 * d.kv_dim * bytes_per_value
+
+
+__all__ += ["LLMDims", "llm_layer_flops", "lm_head_flops", "llm_prefill_flops", "llm_decode_flops", "kv_cache_bytes"]
