@@ -6,7 +6,8 @@ FLOPs per image (multiply-add = 2 FLOPs): a :class:`CountingBlock` records ``(ki
 for every branch call; :func:`count_flops` prices each record with :func:`~ipcv_core.cost.attention_flops`
 (``Lq`` query rows, ``Lkv`` key/value rows), :func:`~ipcv_core.cost.ffn_flops` or
 :func:`~ipcv_core.cost.key_flops` (``key_features``: the ToMe/ToFu/DART metric, one k projection)
-and adds the method's own work outside the blocks (``MethodOutput.overhead_flops``: matching,
+(an ``attention_with_keys`` call — ToMe, post-attention stages — is one attention: the keys the
+attention computed cost nothing extra) and adds the method's own work outside the blocks (``MethodOutput.overhead_flops``: matching,
 neighbour search, NGR, priced with the same module's functions) and the patch embedding
 (:func:`~ipcv_core.cost.patch_embed_flops`, the same for every method).
 
@@ -50,6 +51,15 @@ class CountingBlock:
     def key_features(self, x, pos=None):
         self._log.append(("keys", x.shape[0], x.shape[1], 0))
         return self._blk.key_features(x) if pos is None else self._blk.key_features(x, pos)
+
+    def attention_with_keys(self, x_q, x_kv, ctx):
+        """The attention and the keys it computed: one attention record; a key projection only when
+        the wrapped block computes the keys separately (no ``attention_keys`` of its own)."""
+        if getattr(self._blk, "attention_keys", None) is None:
+            upd = self.attention_branch(x_q, x_kv, ctx)
+            return upd, self.key_features(x_kv, ctx.kv_pos)
+        self._log.append(("attn", x_q.shape[0], x_q.shape[1], x_kv.shape[1]))
+        return self._blk.attention_with_keys(x_q, x_kv, ctx)
 
 
 # what each CountingBlock record costs: (rows, kv rows, dims) -> FLOPs, from the one cost model

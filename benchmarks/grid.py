@@ -46,15 +46,31 @@ VARIANTS = [
     (lambda r: _merge_fields(r, front=1.0), "gradual merge + NGR k=1"),
     (lambda r: _merge_fields(r, front=0.8), "gradual merge + NGR k=1, front-loaded 0.8"),
 ]
+# issue 16: stages between attention and FFN on the attention's own keys (ToMe's placement, with
+# IPCV's NGR at reintegration), ToMe itself as a rewrite (copy unmerge), and one row per idea, at
+# --variant-ratios with --variant-set issue16 (DINOv2-S: 12 blocks; merges at blocks 0..11)
+POST = dict(placement="post_attention", first=0)
+VARIANTS_16 = [
+    (lambda r: _merge_fields(r, front=1.0), "merge at block input (issue 6)"),
+    (lambda r: _merge_fields(r, front=1.0, reconstruction="copy", **POST), "ToMe as a rewrite (post-attention, copy unmerge)"),
+    (lambda r: _merge_fields(r, front=1.0, **POST), "post-attention merge + NGR"),
+    (lambda r: _merge_fields(r, front=1.0, k=3, **POST), "post-attention merge + NGR k=3"),
+    (lambda r: _merge_fields(r, front=1.0, merge="size_bias", **POST), "post-attention prune + mass bias"),
+    (lambda r: _merge_fields(r, front=1.0, merge="none", **POST), "post-attention prune, no bias"),
+    (lambda r: _merge_fields(r, front=1.0, every=2, **POST), "post-attention merge, every 2nd block"),
+    (lambda r: _merge_fields(r, front=0.7, **POST), "post-attention merge, front 0.7"),
+    (lambda r: _merge_fields(r, front=1.5, **POST), "post-attention merge, front 1.5"),
+]
+VARIANT_SETS = {"issue6": VARIANTS, "issue16": VARIANTS_16, "all": VARIANTS + VARIANTS_16}
 # the settings recorded in bench.json's meta (and read back by the report)
 SETTINGS = ("ratios", "extra_ratios", "methods", "fid_images", "fid_size", "fid_batch", "probe_size", "train", "test",
-            "latency_batch", "repeats", "quick")
+            "latency_batch", "repeats", "quick", "variant_set", "method_ratios")
 
 
-def _merge_fields(retain: float, front: float) -> Dict:
+def _merge_fields(retain: float, front: float, **kw) -> Dict:
     from ipcv_core.search import merge_family_config
 
-    d = merge_family_config(retain, 12, front=front).to_dict()  # DINOv2-S: 12 blocks
+    d = merge_family_config(retain, 12, front=front, **kw).to_dict()  # DINOv2-S: 12 blocks
     d.pop("retain")
     d.pop("extras")
     return d
@@ -99,7 +115,12 @@ def parse_args(argv, description: Optional[str] = None):
     ap.add_argument("--variant-ratios", dest="variant_ratios", type=float, nargs="*", default=None,
                     help="ratios for the rows of variants beyond the paper and the tuned configs "
                          "(default: 0.5 0.35 0.2; --quick: none)")
+    ap.add_argument("--variant-set", dest="variant_set", choices=sorted(VARIANT_SETS), default="issue6",
+                    help="which variant rows run at --variant-ratios (issue6: the variants of issue 6; issue16: the "
+                         "post-attention family and its ablations; all)")
     ap.add_argument("--extra-ratios", type=float, nargs="*", help="ratios for the extra IPCV rows ([] = none)")
+    ap.add_argument("--method-ratios", dest="method_ratios", nargs="*", default=[], metavar="METHOD=R,R",
+                    help="more ratios for some grid methods, e.g. tome=0.42,0.27,0.1 (frontier points)")
     ap.add_argument("--fid-images", type=int)
     ap.add_argument("--fid-size", type=int)
     ap.add_argument("--fid-batch", type=int, default=8)
@@ -151,9 +172,20 @@ def settings_of(args) -> Dict:
     return {k: getattr(args, k) for k in SETTINGS}
 
 
-def tuned_fields(retain: float) -> Optional[Dict]:
+def tuned_alternates(retain: float) -> Dict[str, Dict]:
+    """Other tuned configs at ``retain`` (``benchmarks/tuned/dinov2-small_r{retain}_{NAME}.json``,
+    e.g. tuned under another budget): ``{NAME: fields minus retain}``."""
+    out = {}
+    prefix = f"dinov2-small_r{retain}_"
+    for name in sorted(os.listdir(TUNED_DIR)) if os.path.isdir(TUNED_DIR) else []:
+        if name.startswith(prefix) and name.endswith(".json"):
+            out[name[len(prefix):-5]] = tuned_fields(retain, os.path.join(TUNED_DIR, name))
+    return out
+
+
+def tuned_fields(retain: float, path: Optional[str] = None) -> Optional[Dict]:
     """The config `ipcv tune` wrote for DINOv2-S at ``retain`` (benchmarks/tuned/), minus retain."""
-    path = os.path.join(TUNED_DIR, f"dinov2-small_r{retain}.json")
+    path = path or os.path.join(TUNED_DIR, f"dinov2-small_r{retain}.json")
     if not os.path.exists(path):
         return None
     from ipcv_core import IPCVConfig
@@ -164,12 +196,28 @@ def tuned_fields(retain: float) -> Optional[Dict]:
     return d
 
 
+def method_ratios(specs) -> Dict[str, List[float]]:
+    """``["tome=0.42,0.27", ...]`` -> ``{"tome": [0.42, 0.27]}`` (methods of :data:`GRID`)."""
+    out: Dict[str, List[float]] = {}
+    for spec in specs or []:
+        name, _, ratios = spec.partition("=")
+        if name not in GRID or not ratios:
+            raise ValueError(f"--method-ratios takes METHOD=R,R with METHOD in {GRID}, got {spec!r}")
+        out.setdefault(name, []).extend(float(x) for x in ratios.split(","))
+    return out
+
+
 def build_configs(args) -> List[Config]:
     cfgs = [Config(m, r) for m in GRID if m in args.methods for r in args.ratios]
+    for m, rs in method_ratios(getattr(args, "method_ratios", [])).items():
+        cfgs += [Config(m, r) for r in rs if r not in args.ratios]
     cfgs += [Config(m, r, dict(p), v) for r in args.extra_ratios for m, p, v in EXTRAS]
     for r in getattr(args, "variant_ratios", None) or []:
-        cfgs += [Config("ipcv_config", r, p(r) if callable(p) else dict(p), v) for p, v in VARIANTS]
+        cfgs += [Config("ipcv_config", r, p(r) if callable(p) else dict(p), v)
+                 for p, v in VARIANT_SETS[getattr(args, "variant_set", "issue6")]]
         t = tuned_fields(r)
         if t is not None:
             cfgs.append(Config("ipcv_config", r, t, "tuned"))
+        for name, fields in tuned_alternates(r).items():
+            cfgs.append(Config("ipcv_config", r, fields, f"tuned, {name}"))
     return cfgs

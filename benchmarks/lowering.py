@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump({"machine": mach, "date": when, "loadavg_before_after": [load0, load1], "size": args.size, "images": int(x.shape[0]), "repeats": args.repeats,
                    "median_s": {f"{b}|{n}": v for (b, n), v in med.items()},
-                   "all_s": {f"{b}|{n}": v for (b, n), v in times.items()},
+                   "all_s": {f"{b}|{n}": v for (b, n), v in rounds.wall.items()},
                    "build_s": {f"{b}|{n}": v for (b, n), v in build_s.items()},
                    "max_rel_err_vs_eager": {f"{b}|{n}": v for (b, n), v in errs.items()},
                    "cos_vs_vanilla": cos, "table_md": table}, f, indent=2)

@@ -25,7 +25,8 @@ Methods (``METHODS`` maps the names used by the benchmark to runners):
   copying the final value of their most cosine-similar kept token at ``H_lp``.
 * ``tome`` — ToMe: bipartite soft matching on the attention keys (head-averaged) in every block,
   between attention and FFN, size-weighted average merge, proportional attention (``log size``
-  added to the logits through SDPA's float mask); even schedule to the final count
+  added to the logits through SDPA's float mask), matching on the keys the block's attention
+  computed (``Block.attention_with_keys``: no second key projection); even schedule to the final count
   (:func:`benchmarks.baselines.even_schedule`); unmerged at the end.
 * ``tofu`` — ToFu: the same matching and schedule; in the first ``prune_blocks`` blocks (default
   ``depth // 3``) the matched source tokens are *pruned* (dropped; ToFu prunes where the model
@@ -50,7 +51,7 @@ import torch
 
 from ipcv_core.config import IPCVConfig, num_keep
 from ipcv_core.cost import ModelDims, knn_flops, matching_flops, ngr_flops
-from ipcv_core.driver import AttnContext, Block, run_blocks, run_ipcv
+from ipcv_core.driver import AttnContext, Block, attend_with_keys, run_blocks, run_ipcv
 from ipcv_core.reconstruct import restore
 from ipcv_core.segments import SegmentLayout
 from ipcv_core.selection import feature_difference_score, gather_rows, select_per_segment
@@ -253,9 +254,12 @@ def _run_merging(h, blocks, retain, layout, mode_of: Callable[[int], str], prop_
     x, flops = h, 0.0
     for li, blk in enumerate(blocks):
         r = schedule[li]
-        metric = blk.key_features(x) if r else None
         ctx = AttnContext(bias=tracker.attention_bias(x.dtype) if prop_attn else None)
-        x = x + blk.attention_branch(x, x, ctx)
+        if r:  # ToMe matches on the keys its attention computed (no second key projection)
+            upd, metric = attend_with_keys(blk, x, ctx)
+        else:
+            upd, metric = blk.attention_branch(x, x, ctx), None
+        x = x + upd
         if r:
             m = bipartite_soft_matching(metric, r, P)
             if m.r != r:
@@ -289,7 +293,7 @@ def run_ipcv_config(h, blocks: Sequence[Block], retain: float, layout=None, **fi
     need the patch grid: when ``layout`` has none and every row is ``protected + s*s`` tokens, the
     grid is taken as ``s x s`` (square images, row-major patches)."""
     layout = layout or SegmentLayout()
-    cfg = IPCVConfig(retain=retain, **fields)
+    cfg = IPCVConfig(retain=retain, **fields).resolve(len(blocks))
     if cfg.needs_grid and layout.grids is None:
         n = h.shape[1] - layout.protected
         s = int(round(n ** 0.5))
@@ -298,13 +302,18 @@ def run_ipcv_config(h, blocks: Sequence[Block], retain: float, layout=None, **fi
         layout = SegmentLayout.batched(layout.protected, (s, s))
     B, N, D = h.shape
     res = run_ipcv(h, blocks, cfg, layout)
-    K = res.keep_idx.shape[1] - layout.protected * layout.num_segments
-    R = res.rem_idx.shape[1]
-    dims = ModelDims(D)
-    flops = _reconstruction_flops(R, K, cfg.k, dims, cfg.as_depth + 1)
-    if cfg.needs_key_metric:  # A x B similarities per stage (at width D: an upper bound)
-        for st in res.stages:
-            flops += matching_flops(st.keep_idx.shape[1] + st.rem_idx.shape[1], dims)
+    P = layout.protected * layout.num_segments
+    flops = 0.0
+    for i, (st, width) in enumerate(zip(res.stages, res.metric_dims)):
+        # per stage, as ipcv_core.cost.config_flops: the neighbour search (on the metric the search
+        # runs on), the reintegration's NGR (+ one per AS block after the final stage) and the
+        # bipartite A x B similarities at the metric's width
+        R, K = st.rem_idx.shape[1], st.keep_idx.shape[1] - P
+        search = ModelDims(width) if width is not None and not cfg.reconstruction_rule.needs_grid else ModelDims(D)
+        n_ngr = 1 + (cfg.as_depth if i == len(res.stages) - 1 else 0)
+        flops += (knn_flops(R, K, search) + ngr_flops(R, K, cfg.k, ModelDims(D), evaluations=n_ngr)) if R else 0.0
+        if width is not None:
+            flops += matching_flops(st.keep_idx.shape[1] + st.rem_idx.shape[1], ModelDims(D, key_dim=width))
     return MethodOutput(res.hidden_states, _mask_from(res.rem_idx, B, N), res.keep_idx, flops,
                         {"config": cfg.to_dict()})
 

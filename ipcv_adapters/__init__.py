@@ -4,8 +4,10 @@ side inputs, exportable block stacks, preparation and finishing).  ``ipcv_core``
 
     tower = ipcv_compile.rewrite(model.model.visual, retain=0.35)   # -> IPCVTower (drop-in)
 
-Supported towers: Qwen2-VL (``Qwen2VisionTransformerPretrainedModel``), InternVL3
-(``InternVLVisionModel``), ``Dinov2Model``, ``SiglipVisionModel``, ``CLIPVisionModel``.  New ones:
+Supported towers: Qwen2-VL (``Qwen2VisionTransformerPretrainedModel``), Qwen2.5-VL
+(``Qwen2_5_VisionTransformerPretrainedModel``), Qwen3-VL (``Qwen3VLVisionModel``), Qwen3.5
+(``Qwen3_5VisionModel``), InternVL3 (``InternVLVisionModel``), ``Dinov2Model``,
+``SiglipVisionModel`` (LLaVA-OneVision, Gemma3), ``CLIPVisionModel`` (LLaVA-1.5).  New ones:
 subclass :class:`TowerAdapter` and decorate with :func:`register_adapter`.
 """
 
@@ -26,6 +28,7 @@ from . import qwen2_vl as _qwen2_vl  # noqa: E402,F401
 from . import internvl as _internvl  # noqa: E402,F401
 from . import dinov2 as _dinov2  # noqa: E402,F401
 from . import clip_siglip as _clip_siglip  # noqa: E402,F401
+from . import qwen_family as _qwen_family  # noqa: E402,F401
 
 
 

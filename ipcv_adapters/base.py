@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ipcv_compile.spec import LocateSpec
+from ipcv_core.config import PAPER_DEFAULTS, IPCVConfig
 from ipcv_core.driver import Block
 from ipcv_core.segments import SegmentLayout
 
@@ -53,18 +54,30 @@ def class_path(cls: type) -> str:
 @dataclass
 class OutputRequest:
     """What the caller asked for besides ``last_hidden_state`` (HF's ``return_dict`` /
-    ``output_hidden_states`` / ``output_attentions`` conventions)."""
+    ``output_hidden_states`` / ``output_attentions`` conventions).
+
+    ``hidden_states``: the entries of HF's ``hidden_states`` tuple requested, as indices into its
+    ``depth + 1`` entries (0 = the blocks' input, ``i`` = the output of block ``i - 1``); empty = no
+    tuple.  Entries of blocks after the prune point are IPCV's reconstruction at that block (the
+    full sequence restored by NGR), one reconstruction per entry."""
 
     return_dict: bool = True
-    last_hidden_only: bool = False  # hidden_states requested, but only the last one (index -1)
+    hidden_states: Tuple[int, ...] = ()
+    depth: int = 0
+
+    @property
+    def taps(self) -> Tuple[int, ...]:
+        """The intermediate blocks whose outputs the block stack must return for the request."""
+        return tuple(sorted({i - 1 for i in self.hidden_states if 1 <= i < self.depth}))
 
 
 def pop_output_request(kwargs: Dict[str, Any], config, depth: int) -> OutputRequest:
     """Pop HF's output flags from ``kwargs``.
 
-    Intermediate hidden states and attention maps do not exist in the rewritten tower (tokens are
-    removed inside it), so only the last hidden state may be requested — as InternVL's
-    ``get_image_features`` does with ``output_hidden_states=-1`` (``vision_feature_layer=-1``).
+    ``output_hidden_states``: ``True`` (every entry: one NGR reconstruction per block at or after
+    the prune point), or the index / list of indices a consumer reads — transformers 5 passes the
+    VLM's ``vision_feature_layer`` (LLaVA's ``-2``, InternVL's ``-1``): one reconstruction each.
+    Attention maps are not available.
     """
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
@@ -75,17 +88,21 @@ def pop_output_request(kwargs: Dict[str, Any], config, depth: int) -> OutputRequ
             "blocks do not cover all tokens); call the original tower for attention maps"
         )
     hs = kwargs.pop("output_hidden_states", None)
-    last_only = False
-    if hs is not None and hs is not False:
-        sel = [hs] if isinstance(hs, int) and not isinstance(hs, bool) else hs
-        if hs is True or not all(isinstance(i, int) and i in (-1, depth) for i in sel):
-            raise NotImplementedError(
-                f"output_hidden_states={hs!r}: an IPCV-rewritten tower only provides the last hidden state "
-                "(index -1; e.g. vision_feature_layer=-1), not the intermediate ones, whose pruned blocks "
-                "do not hold all tokens"
-            )
-        last_only = True
-    return OutputRequest(bool(return_dict), last_only)
+    if hs is None:
+        hs = bool(getattr(config, "output_hidden_states", False))
+    if hs is False:
+        return OutputRequest(bool(return_dict), (), depth)
+    if hs is True:
+        sel = list(range(depth + 1))
+    else:
+        sel = [hs] if isinstance(hs, int) else list(hs)
+    idx = []
+    for i in sel:
+        if not isinstance(i, int) or isinstance(i, bool) or not -(depth + 1) <= i <= depth:
+            raise ValueError(f"output_hidden_states / feature layer {i!r}: must be an index into the {depth + 1} "
+                             f"hidden states, in [-{depth + 1}, {depth}]")
+        idx.append(i % (depth + 1))
+    return OutputRequest(bool(return_dict), tuple(sorted(set(idx))), depth)
 
 
 @dataclass
@@ -125,9 +142,25 @@ class TowerAdapter(ABC):
     spec: ClassVar[LocateSpec]
     #: attention implementation used inside the block stack (must produce one SDPA per block)
     attn_implementation: ClassVar[str] = "sdpa"
+    #: IPCV fields a config leaves ``None`` take these (clipped to the depth, :meth:`IPCVConfig.resolve`)
+    default_config: ClassVar[Dict[str, int]] = dict(PAPER_DEFAULTS)
 
     def __init__(self, tower: nn.Module):
         self.tower = tower
+
+    @property
+    def default_taps(self) -> Tuple[int, ...]:
+        """Intermediate blocks whose outputs every call needs (e.g. Qwen3-VL's deepstack blocks)."""
+        return ()
+
+    def output_request(self, kwargs: Dict[str, Any]) -> OutputRequest:
+        """:func:`pop_output_request` with this tower's config and depth."""
+        return pop_output_request(kwargs, self.tower.config, self.depth)
+
+    def resolve_config(self, config: IPCVConfig) -> IPCVConfig:
+        """``config`` for this tower: fields left ``None`` take :attr:`default_config` clipped to the
+        depth; explicit fields that do not fit the depth raise, naming the field."""
+        return config.resolve(self.depth, self.default_config)
 
     # ------------------------------------------------------------------ recognition
     @classmethod
@@ -159,9 +192,10 @@ class TowerAdapter(ABC):
         return next(self.blocks.parameters()).device
 
     @abstractmethod
-    def block_stack(self) -> nn.Module:
+    def block_stack(self, taps: Sequence[int] = ()) -> nn.Module:
         """An exportable module ``forward(hidden_states, *side) -> hidden_states`` over the tower's
-        own blocks (see :func:`attention_shell`)."""
+        own blocks (see :func:`attention_shell`); with ``taps`` it returns ``(hidden_states,
+        *outputs of those blocks)``."""
 
     @abstractmethod
     def example_inputs(self) -> Tuple[Tuple[torch.Tensor, ...], Tuple[Optional[Dict[int, Any]], ...]]:
@@ -173,15 +207,16 @@ class TowerAdapter(ABC):
     def prepare(self, *args, **kwargs) -> Prepared:
         """The tower's own call signature -> block-stack inputs (data-dependent work, eager)."""
 
-    def embed(self, *args) -> torch.Tensor:
+    def embed(self, pixel_values: torch.Tensor, context: Optional[Dict[str, Any]] = None) -> torch.Tensor:
         """Packed towers: the pixel-dependent part of :meth:`prepare` (the patch embedding), which a
         one-layout export (``TowerForExport``) runs in its graph while the layout-dependent side
-        inputs are fixed."""
+        inputs are fixed; ``context``: a :class:`Prepared`'s context of the same layout."""
         raise NotImplementedError(f"{type(self).__name__} has no separate patch embedding")
 
     @abstractmethod
-    def finish(self, hidden: torch.Tensor, prep: Prepared) -> Any:
-        """Block-stack output (full length, original order) -> the tower's original output type."""
+    def finish(self, hidden: torch.Tensor, prep: Prepared, taps: Optional[Dict[int, torch.Tensor]] = None) -> Any:
+        """Block-stack output (full length, original order) -> the tower's original output type;
+        ``taps``: the outputs of the tapped blocks (full length), for hidden states / deepstack."""
 
     @abstractmethod
     def branches(self, prep: Prepared) -> List[Block]:
@@ -189,12 +224,20 @@ class TowerAdapter(ABC):
         ``(B, L, D)`` rows (a packed tower's sequence is one row)."""
 
     # ------------------------------------------------------------------ helpers for finish()
-    def hidden_states_tuple(self, last: torch.Tensor, prep: Prepared) -> Optional[Tuple]:
-        """``hidden_states`` as HF returns it for a last-only selection: ``depth + 1`` entries,
-        all ``None`` but the last block's output."""
-        if not prep.request.last_hidden_only:
+    def hidden_states_tuple(self, last: torch.Tensor, prep: Prepared,
+                            taps: Optional[Dict[int, torch.Tensor]] = None) -> Optional[Tuple]:
+        """``hidden_states`` as HF returns it: ``depth + 1`` entries (the blocks' input, then every
+        block's output), the requested ones filled, the others ``None``."""
+        req = prep.request.hidden_states
+        if not req:
             return None
-        return (None,) * self.depth + (last,)
+        taps = taps or {}
+        entries = {0: prep.hidden, self.depth: last, **{b + 1: t for b, t in taps.items()}}
+        return tuple(entries[i] if i in req else None for i in range(self.depth + 1))
+
+    def taps_for(self, prep: Prepared) -> Tuple[int, ...]:
+        """The blocks whose outputs the call needs (requested hidden states and :attr:`default_taps`)."""
+        return tuple(sorted(set(prep.request.taps) | set(self.default_taps)))
 
     def describe(self) -> str:
         lay = "packed (one segment per image / frame)" if self.packed else "batched (one segment per row)"

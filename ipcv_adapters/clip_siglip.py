@@ -18,7 +18,7 @@ from torch import nn
 
 from ipcv_core.driver import AttnContext, Branches
 
-from .base import Prepared, pop_output_request
+from .base import Prepared
 from .common import BatchedViTAdapter, reject_kwargs, split_qkv_attention
 from .registry import register_adapter
 
@@ -59,12 +59,12 @@ class SiglipVisionAdapter(_EncoderLayersAdapter):
     tower_classes = ("transformers.models.siglip.modeling_siglip.SiglipVisionModel",)
 
     def prepare(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs) -> Prepared:
-        req = pop_output_request(kwargs, self.tower.config, self.depth)
+        req = self.output_request(kwargs)
         reject_kwargs(kwargs, "SiglipVisionModel")
         emb = self.tower.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
         return Prepared(emb, (), self.layout(pixel_values, emb.shape[1]), req)
 
-    def finish(self, hidden: torch.Tensor, prep: Prepared):
+    def finish(self, hidden: torch.Tensor, prep: Prepared, taps=None):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         t = self.tower
@@ -72,7 +72,7 @@ class SiglipVisionAdapter(_EncoderLayersAdapter):
         out = BaseModelOutputWithPooling(
             last_hidden_state=last,
             pooler_output=t.head(last) if t.use_head else None,
-            hidden_states=self.hidden_states_tuple(hidden, prep),
+            hidden_states=self.hidden_states_tuple(hidden, prep, taps),
         )
         return out if prep.request.return_dict else out.to_tuple()
 
@@ -87,7 +87,7 @@ class CLIPVisionAdapter(_EncoderLayersAdapter):
         return 1
 
     def prepare(self, pixel_values: torch.Tensor = None, interpolate_pos_encoding: bool = False, **kwargs) -> Prepared:
-        req = pop_output_request(kwargs, self.tower.config, self.depth)
+        req = self.output_request(kwargs)
         reject_kwargs(kwargs, "CLIPVisionModel")
         if pixel_values is None:
             raise ValueError("CLIPVisionModel needs pixel_values")
@@ -95,12 +95,12 @@ class CLIPVisionAdapter(_EncoderLayersAdapter):
         emb = t.pre_layrnorm(t.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding)))
         return Prepared(emb, (), self.layout(pixel_values, emb.shape[1]), req)
 
-    def finish(self, hidden: torch.Tensor, prep: Prepared):
+    def finish(self, hidden: torch.Tensor, prep: Prepared, taps=None):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         out = BaseModelOutputWithPooling(
             last_hidden_state=hidden,
             pooler_output=self.tower.post_layernorm(hidden[:, 0, :]),
-            hidden_states=self.hidden_states_tuple(hidden, prep),
+            hidden_states=self.hidden_states_tuple(hidden, prep, taps),
         )
         return out if prep.request.return_dict else out.to_tuple()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,23 +15,35 @@ from ipcv_core.segments import SegmentLayout
 
 from .base import TowerAdapter, shells
 
-__all__ = ["LayerStack", "BatchedViTAdapter", "split_qkv_attention", "reject_kwargs"]
+__all__ = ["LayerStack", "BatchedViTAdapter", "run_stack", "split_qkv_attention", "reject_kwargs"]
+
+
+def run_stack(blocks, hidden_states, taps, call):
+    """``call(block, hidden_states)`` for every block; ``hidden_states``, or ``(hidden_states,
+    *outputs of the blocks in taps)`` when there are taps."""
+    tapped = []
+    for i, blk in enumerate(blocks):
+        hidden_states = call(blk, hidden_states)
+        if i in taps:
+            tapped.append(hidden_states)
+    return (hidden_states, *tapped) if taps else hidden_states
 
 
 class LayerStack(nn.Module):
-    """``forward(hidden_states) -> hidden_states``: the tower's own layers, called as the tower's
-    encoder calls them without a mask (``layer(x)``, or ``layer(x, None)`` when the mask argument
-    is positional and required)."""
+    """``forward(hidden_states) -> hidden_states`` (or ``(hidden_states, *taps)``): the tower's own
+    layers, called as the tower's encoder calls them without a mask (``layer(x)``, or
+    ``layer(x, None)`` when the mask argument is positional and required)."""
 
-    def __init__(self, layers: nn.ModuleList, mask_positional: bool = False):
+    def __init__(self, layers: nn.ModuleList, mask_positional: bool = False, taps: Sequence[int] = ()):
         super().__init__()
         self.layers = layers
         self.mask_positional = mask_positional
+        self.taps = tuple(taps)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, None) if self.mask_positional else layer(hidden_states)
-        return hidden_states
+    def forward(self, hidden_states: torch.Tensor):
+        if self.mask_positional:
+            return run_stack(self.layers, hidden_states, self.taps, lambda layer, x: layer(x, None))
+        return run_stack(self.layers, hidden_states, self.taps, lambda layer, x: layer(x))
 
 
 def split_qkv_attention(
@@ -99,13 +111,15 @@ class BatchedViTAdapter(TowerAdapter):
                     grid = None  # not a plain patch grid: grid-aware variants unavailable
         return SegmentLayout.batched(self.protected, grid)
 
-    def block_stack(self) -> nn.Module:
-        return LayerStack(shells(self.blocks, self.attn_implementation), self.mask_positional).eval()
+    def block_stack(self, taps: Sequence[int] = ()) -> nn.Module:
+        return LayerStack(shells(self.blocks, self.attn_implementation), self.mask_positional, taps).eval()
 
     def example_inputs(self):
         n = self.protected + self._example_tokens
         x = torch.randn(2, n, self.hidden_size, dtype=self.dtype, device=self.device)
-        return (x,), ({0: Dim("batch", min=1), 1: Dim("tokens", min=self.protected + 2)},)
+        # one prunable token is the smallest image (a one-patch image): the graph then keeps it
+        # (K = ceil(r * 1) = 1), i.e. no pruning for that image, as the K rule says
+        return (x,), ({0: Dim("batch", min=1), 1: Dim("tokens", min=self.protected + 1)},)
 
     @staticmethod
     def make_spec(attention: str, ffn: str = "mlp") -> LocateSpec:

@@ -17,12 +17,13 @@ from torch import nn
 from ipcv_core import AttnContext, Branches, IPCVConfig, SegmentLayout, run_blocks, run_ipcv
 from ipcv_core.driver import DriverOutput
 
-from .base import Prepared, pop_output_request
+from .base import Prepared
 from .common import BatchedViTAdapter, reject_kwargs
 from .registry import register_adapter
 
 
-def _attention_branch(layer, x_q, x_kv, ctx: AttnContext):
+def _attention_branch_keys(layer, x_q, x_kv, ctx: AttnContext):
+    """The attention update of the query rows and the head-averaged keys it computed for the kv rows."""
     att = layer.attention
     nq, nkv = layer.norm1(x_q), layer.norm1(x_kv)
     B, Lq, _ = nq.shape
@@ -33,7 +34,11 @@ def _attention_branch(layer, x_q, x_kv, ctx: AttnContext):
     v = att.v_proj(nkv).view(B, Lkv, H, hd).transpose(1, 2)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.sdpa_mask(q.dtype), scale=att.scaling)
     o = att.o_proj(o.transpose(1, 2).reshape(B, Lq, H * hd))
-    return layer.layer_scale1(o)
+    return layer.layer_scale1(o), k.mean(1)
+
+
+def _attention_branch(layer, x_q, x_kv, ctx: AttnContext):
+    return _attention_branch_keys(layer, x_q, x_kv, ctx)[0]
 
 
 def _ffn_branch(layer, x):
@@ -48,7 +53,8 @@ def _key_features(layer, x, pos=None):  # no rotary: positions do not matter
 
 def dinov2_branches(model) -> List[Branches]:
     """One :class:`ipcv_core.Branches` per ``encoder.layer[i]`` (no per-call state)."""
-    return Branches.per_layer(model.encoder.layer, _attention_branch, _ffn_branch, _key_features)
+    return Branches.per_layer(model.encoder.layer, _attention_branch, _ffn_branch, _key_features,
+                              _attention_branch_keys)
 
 
 def dinov2_layout(model) -> SegmentLayout:
@@ -88,7 +94,7 @@ class Dinov2Adapter(BatchedViTAdapter):
         return dinov2_layout(self.tower).protected
 
     def prepare(self, pixel_values: torch.Tensor = None, bool_masked_pos=None, attention_mask=None, **kwargs) -> Prepared:
-        req = pop_output_request(kwargs, self.tower.config, self.depth)
+        req = self.output_request(kwargs)
         reject_kwargs(kwargs, "Dinov2Model")
         if attention_mask is not None:
             raise NotImplementedError("IPCV-rewritten Dinov2Model: attention_mask is not supported")
@@ -97,14 +103,14 @@ class Dinov2Adapter(BatchedViTAdapter):
         emb = self.tower.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
         return Prepared(emb, (), self.layout(pixel_values, emb.shape[1]), req)
 
-    def finish(self, hidden: torch.Tensor, prep: Prepared):
+    def finish(self, hidden: torch.Tensor, prep: Prepared, taps=None):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         seq = self.tower.layernorm(hidden)
         out = BaseModelOutputWithPooling(
             last_hidden_state=seq,
             pooler_output=seq[:, 0, :],
-            hidden_states=self.hidden_states_tuple(hidden, prep),
+            hidden_states=self.hidden_states_tuple(hidden, prep, taps),
         )
         return out if prep.request.return_dict else out.to_tuple()
 

@@ -1,40 +1,118 @@
 """Whole rewritten towers as exportable modules: ``TowerForExport(ipcv_compile.rewrite(tower, ...))``
 runs the adapter's ``prepare`` -> the rewritten block stack -> ``finish`` and returns plain tensors,
-so :func:`ipcv_compile.lower` can export the whole tower (ONNX, pt2, TensorRT, inductor)."""
+so :func:`ipcv_compile.lower` can export the whole tower (ONNX, pt2, TensorRT, inductor).
+
+What a file holds and what it serves is decided here and written into the file itself
+(:meth:`TowerForExport.ipcv_metadata`, read back by :func:`ipcv_compile.backends.artifacts.load_artifact`):
+
+* **batched towers** (one image / tile per batch row): the batch is dynamic; the image size is
+  dynamic when the tower accepts other sizes (checked on an image one patch larger: DINOv2 and
+  InternVL interpolate their position table; SigLIP / CLIP only with
+  ``interpolate_pos_encoding=True``), else static — honestly, in the file and in ``dynamic_dims``.
+  At export, HF's "always interpolate when tracing" path is taken (``torch.jit.is_tracing()`` reads
+  True inside the traced embedding), so a file exported at the native size serves other sizes and a
+  file exported at another size serves the native one.  Grid-aware IPCV variants need the patch
+  grid, so their file is for the example's image size (static).
+* **packed towers** (Qwen2-VL: several images / frames in one sequence, per-segment keep counts
+  baked in): one file per layout (``fixed_kwargs={"grid_thw": ...}``); the layout is recorded in
+  the file, and the project's loader refuses a call for another layout.  (A bare onnxruntime
+  session cannot check it: it only sees the patch count.)
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+import contextlib
+import threading
+from dataclasses import replace
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ipcv_core.segments import SegmentLayout
+
 from .tower import IPCVTower
 
-__all__ = ["TowerForExport"]
+__all__ = ["TowerForExport", "OUTPUT_NAMES", "METADATA_KEY"]
+
+OUTPUT_NAMES = ("last_hidden_state", "pooler_output")
+METADATA_KEY = "ipcv"  # key of the JSON metadata in the ONNX file / the pt2 extra file "ipcv.json"
+
+# HF's position-embedding interpolation returns the table as it is at the native size unless
+# ``torch.jit.is_tracing()`` ("always interpolate when tracing to ensure the exported model works for
+# dynamic input shapes"); torch.export does not set it.  A thread-local switch, on only while
+# TowerForExport's embedding is traced, lets an export take that path (identical numbers at the
+# native size: bicubic resampling onto the same grid).
+_tls = threading.local()
+_jit_is_tracing = None
+
+
+def _install_tracing_switch() -> None:
+    global _jit_is_tracing
+    if _jit_is_tracing is not None:
+        return
+    orig = torch.jit.is_tracing
+
+    def is_tracing() -> bool:
+        return bool(getattr(_tls, "on", False)) or orig()
+
+    is_tracing.__doc__ = orig.__doc__
+    is_tracing.__wrapped__ = orig  # type: ignore[attr-defined]
+    _jit_is_tracing = orig
+    torch.jit.is_tracing = is_tracing
+
+
+@contextlib.contextmanager
+def _interpolating():
+    if not torch.compiler.is_exporting():
+        yield
+        return
+    _install_tracing_switch()
+    prev = getattr(_tls, "on", False)
+    _tls.on = True
+    try:
+        yield
+    finally:
+        _tls.on = prev
+
+
+def _to_json(v):
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_to_json(x) for x in v]
+    return v
+
+
+def _flat_outputs(out) -> Tuple[torch.Tensor, ...]:
+    """``(last_hidden_state, pooler_output, *deepstack_features)``, the non-None ones: what a file
+    returns (Qwen3-VL's deepstack features feed the language model, so they are outputs too)."""
+    if isinstance(out, tuple):  # return_dict=False: the same fields in order, lists flattened
+        items = [x for x in out if x is not None]
+        flat = [x for it in items[:3] for x in (it if isinstance(it, (list, tuple)) else (it,))]
+        return tuple(x for x in flat if isinstance(x, torch.Tensor))
+    deep = getattr(out, "deepstack_features", None) or ()
+    return tuple(x for x in (out.last_hidden_state, getattr(out, "pooler_output", None), *deep) if x is not None)
 
 
 class TowerForExport(nn.Module):
     """A whole rewritten tower as an exportable module returning plain tensors.
 
     ``forward(pixel_values)`` runs ``adapter.prepare`` -> the rewritten block stack for the call's
-    layout -> ``adapter.finish`` and returns ``(last_hidden_state, pooler_output)`` (the non-None
-    ones, as a tuple).
+    layout (on the tower's live weights) -> ``adapter.finish`` and returns ``(last_hidden_state,
+    pooler_output, *deepstack_features)`` (the non-None ones, as a tuple; deepstack features: Qwen3-VL).  Every weight appears once, under the tower's
+    own name.
 
-    Batched towers (one image / tile per batch row): everything is traced; batch and image size stay
-    dynamic when exported at a size other than the checkpoint's native one (the position-embedding
-    interpolation branch specialises the native size; ``Lowered.dynamic_dims`` tells).
-
-    Packed towers (several images in one sequence): ``prepare`` is data-dependent on the layout
-    arguments (segment lengths, rotary positions), and the rewritten graph bakes each segment's keep
-    count, so the module is built for one fixed layout (``fixed_kwargs``, e.g. ``grid_thw``): the
-    side inputs (rotary cos/sin) are computed once here and stored as buffers, and the adapter's
-    ``embed`` (the pixel-dependent part of ``prepare``; ``embed=`` overrides it) runs in the graph.
-    One file per layout: export it with static shapes (``dynamic=False``).
-
-    ``vanilla=True``: the same tower without pruning — the rewrite at retain 1.0 of the same capture
-    (for packed towers: attention within each image / frame only, no IPCV op) — the baseline for
-    benchmarks of every backend.
+    Args:
+        tower: an :class:`IPCVTower`.
+        example: positional example inputs (``(pixel_values,)``); required for packed towers and for
+            grid-aware IPCV variants (the file is then for the example's layout / image size).
+        fixed_kwargs: keyword inputs fixed for the file (``grid_thw`` of a packed layout,
+            ``interpolate_pos_encoding=True`` for SigLIP / CLIP at other sizes); recorded in the
+            file's metadata and checked by :func:`ipcv_compile.backends.artifacts.load_artifact`.
+        embed: packed towers: the pixel-dependent part of ``prepare`` (default: the adapter's).
+        vanilla: the same tower without pruning (the rewrite at retain 1.0 of the same capture) — the
+            baseline for benchmarks of every backend.
     """
 
     def __init__(self, tower: nn.Module, example: Sequence[Any] = (), fixed_kwargs: Optional[Dict[str, Any]] = None,
@@ -44,29 +122,136 @@ class TowerForExport(nn.Module):
             raise TypeError(f"TowerForExport expects an ipcv_adapters.IPCVTower, got {type(tower).__name__}")
         self.tower = tower.with_config(retain=1.0) if vanilla else tower
         self.fixed_kwargs = dict(fixed_kwargs or {})
-        self.packed = bool(tower.adapter.packed)
+        ad = self.tower.adapter
+        self.packed = bool(ad.packed)
+        self._embed = embed
         self._template = None
-        if self.packed:
-            self.embed = embed or (lambda t, px: self.tower.adapter.embed(px))
+        self.grid_fixed = (not self.packed) and self.tower.ipcv_config.needs_grid
+        example = tuple(example)
+        if self.packed or self.grid_fixed:
+            if not example:
+                why = "a packed tower's file is for one layout" if self.packed else (
+                    f"IPCV selection={self.tower.ipcv_config.selection!r} / reconstruction="
+                    f"{self.tower.ipcv_config.reconstruction!r} needs the patch grid, so the file is for one image size")
+                raise ValueError(f"TowerForExport: {why}: give example=(pixel_values,) (and fixed_kwargs)")
             with torch.no_grad():
-                prep = self.tower.adapter.prepare(*example, **self.fixed_kwargs)
+                prep = ad.prepare(*example, **self.fixed_kwargs)
+            if self.grid_fixed and prep.layout.grids is None:
+                raise ValueError("TowerForExport: this input has no plain patch grid, which the IPCV config needs")
             self._template = prep
             for i, s in enumerate(prep.side):
                 self.register_buffer(f"side_{i}", s, persistent=False)
-            self.rewritten = self.tower.graph_for(prep.layout)
+            self.layout = prep.layout
+            self.taps = ad.taps_for(prep)
+            self.example_shape = tuple(example[0].shape)
+        else:
+            self.layout = SegmentLayout.batched(ad.protected)
+            self.taps = tuple(ad.default_taps)
+        self.sizes_dynamic = (not self.packed) and (not self.grid_fixed) and self._other_sizes_ok(example)
+        if self.sizes_dynamic and example:
+            self._check_example_prunes(example)
+        # the rewritten graph this module runs, built now (never under export), held here so the
+        # compile cache cannot evict it
+        self.__dict__["_graph"] = self.tower.graph_for(self.layout, self.taps)
+
+    # ------------------------------------------------------------------ what the file serves
+    def _other_sizes_ok(self, example) -> bool:
+        """Does the tower accept an image one patch larger than the example (position interpolation)?"""
+        if not example or not isinstance(example[0], torch.Tensor) or example[0].dim() != 4:
+            return True
+        x = example[0]
+        ps = getattr(self.tower.config, "patch_size", 14)
+        ps = tuple(ps) if isinstance(ps, (list, tuple)) else (ps, ps)
+        bigger = x.new_zeros(1, x.shape[1], x.shape[2] + int(ps[0]), x.shape[3] + int(ps[1]))
+        try:
+            with torch.no_grad():
+                self.tower.adapter.prepare(bigger, **self.fixed_kwargs)
+        except Exception:
+            return False
+        return True
+
+    def _check_example_prunes(self, example) -> None:
+        """A dynamic-size export traced on an example from which a stage removes nothing (one patch,
+        or a retain that keeps every token of that size) specialises the file to the sizes where
+        that holds (torch.export guards on the empty removed set): refuse it, naming a fix."""
+        from ipcv_core.prune import stage_plan
+
+        cfg = self.tower.ipcv_config
+        if cfg.retain >= 1.0:
+            return  # nothing is removed at any size: no guard
+        with torch.no_grad():
+            prep = self.tower.adapter.prepare(*example, **self.fixed_kwargs)
+        n = int(prep.hidden.shape[self.tower.adapter.spec.token_dim])
+        for stage in range(len(cfg.schedule)):
+            if any(s.remove == 0 for s in stage_plan(prep.layout, cfg, stage, n).segments):
+                raise ValueError(
+                    f"TowerForExport: the example ({list(example[0].shape)}) is so small that IPCV stage {stage} removes "
+                    "no token from it; an export traced on it would serve only sizes where that holds. Export with a "
+                    "larger example image (the file serves smaller ones too)")
+
+    def ipcv_dynamic_shapes(self, args: Sequence[Any]):
+        """``dynamic_shapes`` for ``torch.export`` (read by :func:`ipcv_compile.lower`): the batch of
+        batched towers, and the image size when :attr:`sizes_dynamic`; a packed file is static."""
+        from torch.export import Dim
+
+        if self.packed:
+            return ({},)
+        d = {0: Dim.AUTO}
+        if self.sizes_dynamic:
+            d.update({2: Dim.AUTO, 3: Dim.AUTO})
+        return (d,)
+
+    #: human names of the input dims (the sidecar's and the ONNX file's dynamic dim names)
+    ipcv_input_names = ("pixel_values",)
+
+    @property
+    def ipcv_dim_names(self) -> Dict[str, Dict[int, str]]:
+        if self.packed:
+            return {"pixel_values": {0: "patches"}}
+        return {"pixel_values": {0: "batch", 2: "height", 3: "width"}}
+
+    def ipcv_output_names(self, n: int) -> Tuple[str, ...]:
+        return (OUTPUT_NAMES + tuple(f"deepstack_features_{i}" for i in range(max(n - len(OUTPUT_NAMES), 0))))[:n]
+
+    def ipcv_metadata(self) -> Dict[str, Any]:
+        """What the file is for, written into it (ONNX ``metadata_props["ipcv"]``, pt2 extra file
+        ``ipcv.json``): ``fixed_inputs`` are checked by :func:`ipcv_compile.backends.artifacts.load_artifact` at every call."""
+        t = self.tower
+        # tensors among the fixed inputs describe the data (a packed layout's grid_thw): a call must
+        # give them and they are checked; other fixed keywords are options baked into the graph
+        fixed = {k: _to_json(v) for k, v in self.fixed_kwargs.items() if isinstance(v, torch.Tensor)}
+        options = {k: _to_json(v) for k, v in self.fixed_kwargs.items() if not isinstance(v, torch.Tensor)}
+        meta: Dict[str, Any] = {
+            "producer": "ipcv", "format": 1, "adapter": t.adapter.name, "tower": type(t.tower).__name__,
+            "ipcv_config": t.ipcv_config.to_dict(), "fixed_inputs": fixed, "options": options,
+            "layout": None if not (self.packed or self.grid_fixed) else {
+                "segment_lengths": None if self.layout.lengths is None else list(self.layout.lengths),
+                "grids": None if self.layout.grids is None else [list(g) for g in self.layout.grids]},
+            "image_size": "dynamic" if self.sizes_dynamic else (
+                None if self.packed else "the example's (static)"),
+        }
+        if self.grid_fixed:
+            meta["static_shapes"] = {"pixel_values": [None, *self.example_shape[1:]]}
+        return meta
+
+    # ------------------------------------------------------------------ forward
+    def _embed_fn(self, pixel_values):
+        if self._embed is not None:
+            return self._embed(self.tower.tower, pixel_values)
+        return self.tower.adapter.embed(pixel_values, self._template.context)
 
     def forward(self, pixel_values: torch.Tensor):
-        ad = self.tower.adapter
+        t = self.tower
+        ad = t.adapter
         if self.packed:
-            from dataclasses import replace
-
             side = tuple(getattr(self, f"side_{i}") for i in range(len(self._template.side)))
-            prep = replace(self._template, hidden=self.embed(self.tower.tower, pixel_values), side=side)
-            hidden = self.rewritten(*prep.stack_inputs)
+            prep = replace(self._template, hidden=self._embed_fn(pixel_values), side=side)
         else:
-            prep = ad.prepare(pixel_values, **self.fixed_kwargs)
-            hidden = self.tower.graph_for(prep.layout)(*prep.stack_inputs)
-        out = ad.finish(hidden, prep)
-        if isinstance(out, tuple):
-            return tuple(t for t in out if isinstance(t, torch.Tensor))
-        return tuple(t for t in (out.last_hidden_state, getattr(out, "pooler_output", None)) if t is not None)
+            with _interpolating():
+                prep = ad.prepare(pixel_values, **self.fixed_kwargs)
+            if self.grid_fixed:
+                prep = replace(prep, layout=self.layout)
+        taps = self.taps
+        out = t.run_graph(self._graph, prep.stack_inputs)
+        hidden, tapped = (out[0], dict(zip(taps, out[1:]))) if taps else (out, {})
+        return _flat_outputs(ad.finish(hidden, prep, tapped))

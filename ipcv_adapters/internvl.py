@@ -20,7 +20,7 @@ from torch import nn
 
 from ipcv_core.driver import AttnContext, Branches
 
-from .base import Prepared, pop_output_request
+from .base import Prepared
 from .common import BatchedViTAdapter, reject_kwargs, split_qkv_attention
 from .registry import register_adapter
 
@@ -32,6 +32,7 @@ class InternVLVisionAdapter(BatchedViTAdapter):
     name = "internvl_vision"
     tower_classes = ("transformers.models.internvl.modeling_internvl.InternVLVisionModel",)
     spec = BatchedViTAdapter.make_spec(attention="attention")
+    default_config = dict(prune_layer=7, as_depth=3)  # the paper's InternVL3-38B runs
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -42,17 +43,17 @@ class InternVLVisionAdapter(BatchedViTAdapter):
         return 1
 
     def prepare(self, pixel_values: torch.Tensor, bool_masked_pos=None, **kwargs) -> Prepared:
-        req = pop_output_request(kwargs, self.tower.config, self.depth)
+        req = self.output_request(kwargs)
         reject_kwargs(kwargs, "InternVLVisionModel")
         emb = self.tower.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
         return Prepared(emb, (), self.layout(pixel_values, emb.shape[1]), req)
 
-    def finish(self, hidden: torch.Tensor, prep: Prepared):
+    def finish(self, hidden: torch.Tensor, prep: Prepared, taps=None):
         from transformers.models.internvl.modeling_internvl import InternVLVisionModelOutputWithPooling
 
         out = InternVLVisionModelOutputWithPooling(
             last_hidden_state=self.tower.layernorm(hidden),
-            hidden_states=self.hidden_states_tuple(hidden, prep),
+            hidden_states=self.hidden_states_tuple(hidden, prep, taps),
         )
         return out if prep.request.return_dict else out.to_tuple()
 

@@ -1,4 +1,6 @@
-"""Qwen2-VL's vision tower (``Qwen2VisionTransformerPretrainedModel``, ``model.model.visual``).
+"""Qwen2-VL's vision tower (``Qwen2VisionTransformerPretrainedModel``, ``model.model.visual``), and
+:class:`QwenVisionAdapter`, the base of the Qwen family's towers (Qwen2.5-VL, Qwen3-VL, Qwen3.5:
+:mod:`ipcv_adapters.qwen_family`).
 
 Layout: all images and videos of a call are packed into one sequence ``(N, D)`` (no batch dim);
 ``grid_thw`` rows ``[t, h, w]`` give each entry's patches.  Attention is per frame
@@ -18,7 +20,7 @@ and order of the original tower's.
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,25 +32,25 @@ from ipcv_core.driver import AttnContext, Branches
 from ipcv_core.segments import SegmentLayout
 
 from .attention import register_packed_sdpa
-from .base import Prepared, TowerAdapter, pop_output_request, shells
-from .common import reject_kwargs
+from .base import Prepared, TowerAdapter, shells
+from .common import reject_kwargs, run_stack
 from .registry import register_adapter
 
-__all__ = ["Qwen2VLAdapter", "Qwen2VLBlockStack", "segment_lengths"]
+__all__ = ["QwenVisionAdapter", "Qwen2VLAdapter", "Qwen2VLBlockStack", "segment_lengths"]
 
 
 class Qwen2VLBlockStack(nn.Module):
-    """``forward(hidden_states (N, D), cos, sin) -> (N, D)`` over the tower's blocks."""
+    """``forward(hidden_states (N, D), cos, sin) -> (N, D)`` (or ``(out, *taps)``) over the tower's
+    blocks.  cu_seqlens is unused by the packed attention function; max_seqlen given -> no .item()."""
 
-    def __init__(self, blocks: nn.ModuleList):
+    def __init__(self, blocks: nn.ModuleList, taps: Sequence[int] = ()):
         super().__init__()
         self.blocks = blocks
+        self.taps = tuple(taps)
 
     def forward(self, hidden_states, cos, sin):
-        for blk in self.blocks:
-            # cu_seqlens is unused by the packed function; max_seqlen given -> no .item() in the tower
-            hidden_states = blk(hidden_states, cu_seqlens=None, position_embeddings=(cos, sin), max_seqlen=0)
-        return hidden_states
+        return run_stack(self.blocks, hidden_states, self.taps,
+                         lambda blk, x: blk(x, cu_seqlens=None, position_embeddings=(cos, sin), max_seqlen=0))
 
 
 def segment_lengths(cu_seqlens: torch.Tensor) -> tuple:
@@ -61,12 +63,16 @@ def _rows(table: torch.Tensor, pos) -> torch.Tensor:
     return table.unsqueeze(0) if pos is None else table[pos]
 
 
-@register_adapter
-class Qwen2VLAdapter(TowerAdapter):
-    name = "qwen2_vl"
-    tower_classes = ("transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel",)
+class QwenVisionAdapter(TowerAdapter):
+    """A Qwen-family packed vision tower: ``blocks[i](x, cu_seqlens, position_embeddings)`` with
+    ``norm1 / attn (fused qkv, 2-D rotary) / norm2 / mlp``, one segment per image / video frame.
+    Subclasses say how the stack's input is made (:meth:`stack_rows`) and what comes out
+    (:meth:`finish`)."""
+
     packed = True
     spec = LocateSpec(blocks="blocks", attention="attn", ffn="mlp", hidden_input="hidden_states", token_dim=0)
+    #: the tower family's name in error messages
+    title = "Qwen vision tower"
 
     @property
     def attn_implementation(self) -> str:  # type: ignore[override]
@@ -76,19 +82,21 @@ class Qwen2VLAdapter(TowerAdapter):
     def blocks(self) -> nn.ModuleList:
         return self.tower.blocks
 
+    @property
+    def width(self) -> int:
+        return int(self.blocks[0].attn.qkv.in_features)
+
     # ------------------------------------------------------------------ capture
-    def block_stack(self) -> nn.Module:
-        return Qwen2VLBlockStack(shells(self.blocks, self.attn_implementation)).eval()
+    def block_stack(self, taps: Sequence[int] = ()) -> nn.Module:
+        return Qwen2VLBlockStack(shells(self.blocks, self.attn_implementation), taps).eval()
 
     def example_inputs(self):
         t = self.tower
         thw = torch.tensor([[1, 4, 4], [1, 2, 4]], device=self.device)  # two segments: 16 + 8 tokens
-        from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
+        from transformers.vision_utils import get_vision_position_ids
 
         pos = get_vision_position_ids(thw, t.spatial_merge_size)
-        cu, _ = get_vision_attention_seqlens(thw, t.config)
-        n = int(cu[-1])
-        x = torch.randn(n, t.config.embed_dim, dtype=self.dtype, device=self.device)
+        x = torch.randn(int(pos.shape[0]), self.width, dtype=self.dtype, device=self.device)
         cos, sin = t.rotary_pos_emb(x, pos)
         N = Dim("tokens", min=2)
         return (x, cos, sin), ({0: N}, {0: N}, {0: N})
@@ -96,54 +104,71 @@ class Qwen2VLAdapter(TowerAdapter):
     # ------------------------------------------------------------------ per call
     def prepare(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor = None, **kwargs) -> Prepared:
         """``tower(hidden_states=pixel patches (N, C*tps*ps*ps), grid_thw (S, 3))``; precomputed
-        ``position_ids`` / ``cu_seqlens`` / ``max_seqlen`` are honoured as by the original tower."""
+        ``position_ids`` / ``cu_seqlens`` / ``max_seqlen`` (and the family's own precomputable
+        inputs) are honoured as by the original tower."""
         from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
 
         t = self.tower
-        req = pop_output_request(kwargs, t.config, self.depth)
+        req = self.output_request(kwargs)
         if grid_thw is None:
-            raise ValueError("Qwen2-VL's vision tower needs grid_thw")
+            raise ValueError(f"{self.title} needs grid_thw")
         pos = get_vision_position_ids(grid_thw, t.spatial_merge_size, kwargs=kwargs)
         cu, _ = get_vision_attention_seqlens(grid_thw, t.config, kwargs=kwargs)
-        reject_kwargs(kwargs, "Qwen2-VL vision tower")
-        x = self.embed(hidden_states)
-        cos, sin = t.rotary_pos_emb(x, pos)
         lengths = segment_lengths(cu)
+        x, cos, sin, extra = self.stack_rows(hidden_states, grid_thw, pos, kwargs)
+        reject_kwargs(kwargs, self.title)
         if sum(lengths) != x.shape[0]:
             raise ValueError(f"grid_thw / cu_seqlens describe {sum(lengths)} patches but hidden_states has {x.shape[0]}")
-        m = int(t.spatial_merge_size)
+        layout = self.layout_of(grid_thw, lengths, extra)
+        return Prepared(x, (cos, sin), layout, req, {"grid_thw": grid_thw, **extra})
+
+    def stack_rows(self, hidden_states, grid_thw, pos, kwargs):
+        """Pixel patches -> ``(rows entering block 0, cos, sin, context)`` in the stack's order."""
+        x = self.embed(hidden_states, {})
+        cos, sin = self.tower.rotary_pos_emb(x, pos)
+        return x, cos, sin, {}
+
+    def layout_of(self, grid_thw, lengths, extra) -> SegmentLayout:
+        """One segment per frame; the patch grid (in the 2x2 merge order) for grid-aware variants."""
+        m = int(self.tower.spatial_merge_size)
         grids = [(int(h), int(w)) for tt, h, w in grid_thw.tolist() for _ in range(int(tt))]
         if [h * w for h, w in grids] != list(lengths):
             grids = None  # segments are not one frame each: grid-aware variants unavailable
-        layout = SegmentLayout.packed(lengths, 0, grids, m if grids is not None else 1)
-        return Prepared(x, (cos, sin), layout, req, {"grid_thw": grid_thw})
+        return SegmentLayout.packed(lengths, 0, grids, m if grids is not None else 1)
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def embed(self, pixel_values: torch.Tensor, context=None) -> torch.Tensor:
+        """The pixel-dependent part of :meth:`prepare` (``context``: the layout-dependent values it
+        needs, from a :class:`Prepared` of the same layout)."""
         return self.tower.patch_embed(pixel_values)
 
-    def finish(self, hidden: torch.Tensor, prep: Prepared):
+    def finish(self, hidden: torch.Tensor, prep: Prepared, taps=None):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         out = BaseModelOutputWithPooling(
             last_hidden_state=hidden,
             pooler_output=self.tower.merger(hidden),
-            hidden_states=self.hidden_states_tuple(hidden, prep),
+            hidden_states=self.hidden_states_tuple(hidden, prep, taps),
         )
         return out if prep.request.return_dict else out.to_tuple()
 
     # ------------------------------------------------------------------ eager branches
-    def branches(self, prep: Prepared) -> List[Branches]:
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+    def window_mask(self, layer: int, prep: Prepared):
+        """``(q_pos, kv_pos) -> bool mask`` restricting ``layer``'s attention to windows, or None."""
+        return None
 
+    def branches(self, prep: Prepared) -> List[Branches]:
         cos, sin = prep.side[0], prep.side[1]
 
-        def rotate(t, pos):  # t (B, L, H, hd)
-            c, s = _rows(cos, pos), _rows(sin, pos)
-            return apply_rotary_pos_emb_vision(t, t, c, s)[0]
+        def rotate(t, pos):  # t (B, L, H, hd): x * cos + rotate_half(x) * sin in fp32, as the towers do
+            c, s = _rows(cos, pos).unsqueeze(-2).float(), _rows(sin, pos).unsqueeze(-2).float()
+            tf = t.float()
+            half = tf.shape[-1] // 2
+            rot = torch.cat((-tf[..., half:], tf[..., :half]), dim=-1)
+            return (tf * c + rot * s).to(t.dtype)
 
         def attention(blk, x_q, x_kv, ctx: AttnContext):
             a = blk.attn
-            D, H = a.dim, a.num_heads
+            D, H = a.qkv.in_features, a.num_heads
             hd = D // H
             nq, nkv = blk.norm1(x_q), blk.norm1(x_kv)
             B, Lq, _ = nq.shape
@@ -153,8 +178,13 @@ class Qwen2VLAdapter(TowerAdapter):
             kv = F.linear(nkv, w[D:], None if b is None else b[D:]).view(B, Lkv, 2, H, hd)
             k, v = kv.unbind(2)
             q, k = rotate(q, ctx.q_pos), rotate(k, ctx.kv_pos)
+            mask = ctx.sdpa_mask(q.dtype)
+            win = windows.get(id(blk))
+            if win is not None:
+                wm = win(ctx.q_pos, ctx.kv_pos)
+                mask = wm if mask is None else (mask & wm if mask.dtype == torch.bool else mask.masked_fill(~wm, float("-inf")))
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=ctx.sdpa_mask(q.dtype), scale=a.scaling)
+                                               attn_mask=mask, scale=a.scaling)
             return a.proj(o.transpose(1, 2).reshape(B, Lq, D))
 
         def ffn(blk, x):
@@ -162,10 +192,19 @@ class Qwen2VLAdapter(TowerAdapter):
 
         def keys(blk, x, pos=None):  # as SDPA sees them: rotary at the rows' original positions
             a = blk.attn
-            D, H = a.dim, a.num_heads
+            D, H = a.qkv.in_features, a.num_heads
             n = blk.norm1(x)
             B, L, _ = n.shape
             k = F.linear(n, a.qkv.weight[D:2 * D], None if a.qkv.bias is None else a.qkv.bias[D:2 * D])
             return rotate(k.view(B, L, H, D // H), pos).mean(2)
 
+        windows = {id(blk): self.window_mask(i, prep) for i, blk in enumerate(self.blocks)}
+        windows = {k: v for k, v in windows.items() if v is not None}
         return Branches.per_layer(self.blocks, attention, ffn, keys)
+
+
+@register_adapter
+class Qwen2VLAdapter(QwenVisionAdapter):
+    name = "qwen2_vl"
+    tower_classes = ("transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel",)
+    title = "Qwen2-VL's vision tower"

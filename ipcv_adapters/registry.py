@@ -97,7 +97,7 @@ def rewrite_with_adapter(tower: nn.Module, config: Optional[IPCVConfig] = None, 
         raise ValueError("this tower is already IPCV-rewritten; use tower.with_config(...) for another config, "
                          "or rewrite tower.tower (the original)")
     adapter = find_adapter(tower)
-    return IPCVTower(tower, adapter, config or IPCVConfig(), cache_size=cache_size)
+    return IPCVTower(tower, adapter, adapter.resolve_config(config or IPCVConfig()), cache_size=cache_size)
 
 
 @torch.no_grad()
@@ -111,9 +111,13 @@ def run_eager(tower: nn.Module, config: Optional[IPCVConfig], *args, **kwargs) -
     packed = h.dim() == 2
     hb = h.unsqueeze(0) if packed else h
     blocks = adapter.branches(prep)
+    taps = adapter.taps_for(prep)
     if config is None:
-        out, res = run_blocks(hb, blocks, prep.layout), None
+        tapped = {}
+        out, res = run_blocks(hb, blocks, prep.layout, taps, tapped), None
     else:
-        res = run_ipcv(hb, blocks, config, prep.layout)
-        out = res.hidden_states
-    return adapter.finish(out.squeeze(0) if packed else out, prep), res
+        res = run_ipcv(hb, blocks, adapter.resolve_config(config), prep.layout, taps)
+        out, tapped = res.hidden_states, res.taps
+    if packed:
+        out, tapped = out.squeeze(0), {i: t.squeeze(0) for i, t in tapped.items()}
+    return adapter.finish(out, prep, tapped), res

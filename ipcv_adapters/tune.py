@@ -3,8 +3,9 @@ tower's adapter — fidelity through the eager driver, cost by the analytic mode
 (:mod:`ipcv_core.cost`) or by timing the rewritten graph (:func:`ipcv_core.cost.interleaved_latency`).
 
 Objective: fidelity to the unpruned model — mean cosine similarity of the tower's final tokens.
-Constraint (``budget``): the cost of the paper's IPCV at the same retain ratio
-(:meth:`IPCVConfig.paper`):
+Constraint (``budget``): the cost of the paper's IPCV at the same retain ratio with the tower's
+default ``l_p`` / ``Δ`` / ``k`` (:meth:`TowerAdapter.resolve_config`; the paper's 3 / 7 / 10 for
+most towers):
 
 * ``"tokens"``: analytic FLOPs of the block stack from the rows every block processes — deterministic;
 * ``"latency"``: measured wall time of the rewritten graph, interleaved with the reference, ratio of
@@ -47,13 +48,17 @@ def tune_tower(
     progress: Optional[Callable[[str], None]] = None,
     screen: int = 1,
     repeats: int = 5,
+    max_cost: float = 1.0,
+    families: Sequence[str] = ("prune", "merge"),
 ) -> TuneResult:
     """Tune IPCV for ``tower`` on ``batches`` (keyword inputs of the tower, e.g. ``pixel_values``).
 
     ``budget="tokens"``: analytic FLOPs of the block stack <= the paper's IPCV at ``retain``;
     ``budget="latency"``: measured wall time of the rewritten graph <= the paper's (3 % tolerance,
     ``repeats`` interleaved timings per candidate).  ``screen``: the search scores candidates on the
-    first ``screen`` batches only; the best few are then confirmed on all of them.
+    first ``screen`` batches only; the best few are then confirmed on all of them.  ``max_cost``:
+    the budget as a multiple of the paper's cost (1.0: no more FLOPs / time than the paper's IPCV;
+    the frontier between, e.g. ``0.9`` or ``1.2``); ``families``: see :func:`ipcv_core.search.tune`.
     """
     if budget not in ("tokens", "latency"):
         raise ValueError(f"budget must be 'tokens' or 'latency', got {budget!r}")
@@ -64,7 +69,12 @@ def tune_tower(
     depth = adapter.depth
     has_grid = prep.layout.grids is not None
     ffn = adapter.blocks[0].get_submodule(adapter.spec.ffn)
-    dims = ModelDims(int(prep.hidden.shape[-1]), ffn_params=sum(p.numel() for p in ffn.parameters()))
+    width = int(prep.hidden.shape[-1])
+    cfg_t = getattr(tower, "config", None)
+    heads = getattr(cfg_t, "num_attention_heads", None) or getattr(cfg_t, "num_heads", None)
+    # the bipartite matching runs on head-averaged keys: the head dim wide
+    dims = ModelDims(width, ffn_params=sum(p.numel() for p in ffn.parameters()),
+                     key_dim=width // int(heads) if heads else None)
     lengths = prep.layout.lengths or (prep.hidden.shape[-2],)
 
     def fidelity(cfg, n):
@@ -76,7 +86,7 @@ def tune_tower(
 
     confirm = (lambda cfg: fidelity(cfg, len(batches))) if screen < len(batches) else None
 
-    reference = IPCVConfig.paper(retain)
+    reference = adapter.resolve_config(IPCVConfig(retain=retain))  # the paper's method, the tower's defaults
     if budget == "tokens":
         def flops(cfg):
             return sum(config_flops(cfg, n, prep.layout.protected, depth, dims) for n in lengths)
@@ -96,4 +106,4 @@ def tune_tower(
                 return interleaved_latency(lambda: ref_tower(**b0), lambda: t(**b0), repeats, warmup=1).ratio
         tol = LATENCY_TOLERANCE
     return tune(evaluate, cost, retain, depth, has_grid=has_grid, passes=passes, tolerance=tol, progress=progress,
-                confirm=confirm)
+                confirm=confirm, reference=reference, max_cost=max_cost, families=families)

@@ -62,7 +62,34 @@ def capture(
         ep = torch.export.export(module, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     gm = ep.module()
     gm.meta["ipcv_range_constraints"] = {str(k): str(v) for k, v in ep.range_constraints.items()}
+    _returned_values_not_casts(gm)
     return gm
+
+
+_NO_OP_CASTS = (torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.alias.default)
+
+
+def _returned_values_not_casts(gm: fx.GraphModule) -> None:
+    """A module returning an intermediate value (a tap: ``(out, block_3_output)``) whose next
+    consumer starts with a no-op cast (``x.to(float32)`` of a float32 ``x`` returns ``x`` itself, so
+    export records the *cast* as the returned value): return the value, not the cast, so that the
+    returned tensor belongs to the block that computed it."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+
+    def plain(a):
+        while isinstance(a, fx.Node) and a.target in _NO_OP_CASTS and isinstance(a.args[0], fx.Node):
+            src, val = a.args[0].meta.get("val"), a.meta.get("val")
+            if not (isinstance(src, torch.Tensor) and isinstance(val, torch.Tensor) and src.dtype == val.dtype
+                    and src.device == val.device):
+                break
+            a = a.args[0]
+        return a
+
+    new = fx.node.map_arg(out.args, plain)
+    if new != out.args:
+        out.args = new
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
 
 
 def _arg_names(module: nn.Module, arg_specs):
@@ -218,7 +245,7 @@ def rewrite_graph(gm: fx.GraphModule, config: IPCVConfig, spec: LocateSpec, layo
     gmap = locate(gm, spec)
     rw = IPCVRewritePass(gmap, config, layout, refresh=refresh_meta, check_rows=check_rows)
     result = rw(gm)
-    return IPCVModule(result.graph_module, config, layout, gmap, rw.report, nodes_before, time.perf_counter() - t0)
+    return IPCVModule(result.graph_module, rw.config, layout, gmap, rw.report, nodes_before, time.perf_counter() - t0)
 
 
 def _fresh(gm: fx.GraphModule) -> fx.GraphModule:

@@ -48,6 +48,8 @@ class GraphMap:
     token_symbol: object  # sympy symbol of the token count (None if static)
     side_inputs: Dict[fx.Node, Tuple[int, ...]]  # outside values used by blocks -> their token dims
     final_users: List[fx.Node]  # users of the last block's output outside the blocks
+    taps: Dict[int, List[fx.Node]] = field(default_factory=dict)  # block -> users of its output outside the blocks
+    spec: Optional[LocateSpec] = None
 
     @property
     def depth(self) -> int:
@@ -244,4 +246,6 @@ def locate(gm: fx.GraphModule, spec: LocateSpec) -> GraphMap:
         found.append(f"{path}: attention core {[c.name for c in cores]}, FFN {ffn[0].name}..{ffn[-1].name}")
     block_nodes = {n for b in blocks for n in b.nodes}
     final_users = [u for u in blocks[-1].output.users if u not in block_nodes]
-    return GraphMap(blocks, hidden, spec.token_dim, sym, side, final_users)
+    # taps: intermediate block outputs that leave the block stack (deepstack features, feature layers)
+    taps = {b.index: [u for u in b.output.users if u not in block_nodes] for b in blocks[:-1]}
+    return GraphMap(blocks, hidden, spec.token_dim, sym, side, final_users, {i: u for i, u in taps.items() if u}, spec)

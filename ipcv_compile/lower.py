@@ -40,6 +40,8 @@ __all__ = [
     "export_program",
     "dynamic_dims",
     "graph_of",
+    "module_metadata",
+    "check_fixed_inputs",
 ]
 
 BACKENDS = ("eager", "inductor", "onnx", "pt2", "tensorrt")
@@ -147,6 +149,8 @@ def export_program(module: nn.Module, args: Sequence[Any], kwargs: Optional[Dict
 
     m = graph_of(module)
     kwargs = dict(kwargs or {})
+    if dynamic_shapes is None and dynamic and callable(getattr(m, "ipcv_dynamic_shapes", None)) and not kwargs:
+        dynamic_shapes = m.ipcv_dynamic_shapes(args)  # the module says what its export serves
     if dynamic_shapes is None and dynamic:
         if isinstance(m, fx.GraphModule) and not kwargs:
             dynamic_shapes = graph_dynamic_shapes(m, args)
@@ -162,14 +166,37 @@ def export_program(module: nn.Module, args: Sequence[Any], kwargs: Optional[Dict
         with torch.no_grad():
             ep = torch.export.export(m, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
             if decompose and ops.has_ipcv_ops(ep.graph):
-                ep = ep.run_decompositions(ops.decompositions())
+                try:
+                    ep = ep.run_decompositions(ops.decompositions())
+                except Exception as e:
+                    if "lifted_tensor" not in str(e):
+                        raise
+                    ep = _export_through_impls(ep, args, kwargs, dynamic_shapes)
         return ep
     except Exception as e:  # pragma: no cover - message enrichment only
         raise LoweringError(f"torch.export failed for {type(m).__name__}: {type(e).__name__}: {e}") from e
 
 
-def dynamic_dims(ep: "torch.export.ExportedProgram") -> Dict[str, Dict[int, str]]:
-    """Which user-input dims of ``ep`` are symbolic: ``{input name: {dim: symbol}}``."""
+def _export_through_impls(ep, args, kwargs, dynamic_shapes):
+    """The program with every ``ipcv.*`` node replaced by the Python function it runs, exported
+    again.  ``run_decompositions`` cannot lift tensors an op's implementation builds from Python data
+    (the patch-grid tables of the grid-aware variants: "Constant tensor lifted_tensor_0 is not in the
+    constants dictionary"); export's own tracing lifts them as constants."""
+    from . import ops
+
+    m = ep.module()
+    impls = ops.decompositions()
+    for n in m.graph.nodes:
+        if n.op == "call_function" and n.target in impls:
+            n.target = impls[n.target]
+    m.recompile()
+    return torch.export.export(m, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def dynamic_dims(ep: "torch.export.ExportedProgram", names: Optional[Dict[str, Dict[int, str]]] = None
+                 ) -> Dict[str, Dict[int, str]]:
+    """Which user-input dims of ``ep`` are symbolic: ``{input name: {dim: name}}``, the name from
+    ``names`` (the module's ``ipcv_dim_names``, e.g. ``"batch"``) or else the export's symbol."""
     user = set(ep.graph_signature.user_inputs)
     out: Dict[str, Dict[int, str]] = {}
     for n in ep.graph.nodes:
@@ -177,10 +204,70 @@ def dynamic_dims(ep: "torch.export.ExportedProgram") -> Dict[str, Dict[int, str]
             continue
         v = n.meta.get("val")
         if isinstance(v, torch.Tensor):
-            d = {i: str(s) for i, s in enumerate(v.shape) if not _is_static(s)}
+            human = (names or {}).get(n.name, {})
+            d = {i: human.get(i, str(s)) for i, s in enumerate(v.shape) if not _is_static(s)}
             if d:
                 out[n.name] = d
     return out
+
+
+def symbol_names(ep: "torch.export.ExportedProgram", names: Optional[Dict[str, Dict[int, str]]]) -> Dict[str, str]:
+    """``{export symbol: human name}`` for the input dims ``names`` covers (plain symbols only)."""
+    out: Dict[str, str] = {}
+    user = set(ep.graph_signature.user_inputs)
+    for n in ep.graph.nodes:
+        if n.op != "placeholder" or n.name not in user or not names or n.name not in names:
+            continue
+        v = n.meta.get("val")
+        if not isinstance(v, torch.Tensor):
+            continue
+        for i, s in enumerate(v.shape):
+            expr = getattr(getattr(s, "node", None), "expr", None)
+            if expr is not None and getattr(expr, "is_Symbol", False) and i in names[n.name]:
+                out.setdefault(str(expr), names[n.name][i])
+    return out
+
+
+# --------------------------------------------------------------------------------------------- metadata
+def module_metadata(module: nn.Module) -> Dict[str, Any]:
+    """What a module says about the artifact made from it (``module.ipcv_metadata()``, e.g.
+    ``ipcv_adapters.export.TowerForExport``: the inputs fixed for the file, the IPCV config, ...);
+    ``{}`` when it says nothing.  Written into ONNX ``metadata_props["ipcv"]`` / the pt2 extra file
+    ``ipcv.json`` and read back by :func:`ipcv_compile.backends.artifacts.load_artifact`."""
+    fn = getattr(graph_of(module), "ipcv_metadata", None)
+    return dict(fn()) if callable(fn) else {}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        a = a.tolist()
+    if isinstance(b, torch.Tensor):
+        b = b.tolist()
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def check_fixed_inputs(metadata: Dict[str, Any], given: Dict[str, Any], where: str) -> None:
+    """The keyword inputs of a call of an artifact against the ones it was exported for
+    (``metadata["fixed_inputs"]``): each must be given and equal; no other keyword is accepted.
+    A packed layout's file, for instance, is for one ``grid_thw``: the same patch count in another
+    layout would run and return wrong numbers, so the loader refuses it."""
+    fixed = dict(metadata.get("fixed_inputs") or {})
+    unknown = sorted(set(given) - set(fixed))
+    if unknown:
+        raise TypeError(f"{where} takes no keyword input(s) {unknown}"
+                        + (f" (it was exported for {fixed})" if fixed else ""))
+    for name, want in fixed.items():
+        if name not in given:
+            raise TypeError(f"{where} was exported for {name}={want} only; pass {name}=... with every call so "
+                            f"the loader can check it (a bare onnxruntime / torch.export session cannot)")
+        got = given[name]
+        if not _same(got, want):
+            got_s = got.tolist() if isinstance(got, torch.Tensor) else got
+            raise ValueError(f"{where} was exported for {name}={want}, but this call has {name}={got_s}: "
+                             f"export one file per {name}")
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ _LIB = torch.library.Library("ipcv", "DEF")
 _CONFIG_SCHEMA = (
     "float retain, int prune_layer, int as_depth, int k, str weighting, float similarity_temperature, "
     "int min_keep, bool reintegrate, str selection, str reconstruction, str merge, int seed, "
-    "int[] stage_layers, float[] stage_retains"
+    "int[] stage_layers, float[] stage_retains, str placement"
 )
 _LAYOUT_SCHEMA = "int token_dim, int[]? segment_lengths, int protected, int[]? grids, int grid_merge"
 
@@ -227,15 +227,18 @@ def _segment_prefix(x, *, lengths, take, dim):
     return segment_prefix(x, lengths, take, dim)
 
 
-_LIB.define("segment_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, *, SymInt[] q_lengths, "
-            "SymInt[] kv_lengths, bool q_prefix, float? scale, bool enable_gqa) -> Tensor")
+_LIB.define("segment_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? q_groups=None, "
+            "Tensor? kv_groups=None, *, SymInt[] q_lengths, SymInt[] kv_lengths, bool q_prefix, float? scale, "
+            "bool enable_gqa) -> Tensor")
 
 
-def _segment_attention(q, k, v, attn_mask=None, *, q_lengths, kv_lengths, q_prefix, scale, enable_gqa):
+def _segment_attention(q, k, v, attn_mask=None, q_groups=None, kv_groups=None, *, q_lengths, kv_lengths, q_prefix,
+                       scale, enable_gqa):
     """SDPA within each segment (:func:`ipcv_core.attention.segment_attention`): equal runs of
-    segments as one batched SDPA, no mask across segments."""
+    segments as one batched SDPA, no mask across segments; ``q_groups`` / ``kv_groups`` restrict
+    each segment's attention to rows of the same group (attention windows)."""
     return segment_attention(q, k, v, attn_mask, q_lengths=q_lengths, kv_lengths=kv_lengths, q_prefix=q_prefix,
-                             scale=scale, enable_gqa=enable_gqa)
+                             scale=scale, enable_gqa=enable_gqa, q_groups=q_groups, kv_groups=kv_groups)
 
 
 _IMPLS = {"prune": _prune, "ngr": _ngr, "segment_concat": _segment_concat,

@@ -27,6 +27,8 @@ class LocateSpec:
         side_inputs: optional override ``{placeholder name: token dims}`` for per-token side inputs;
             by default they are detected as values used by the blocks whose shape contains the
             token-count symbol.
+        windowed_blocks: blocks whose attention stays within the attention windows of a packed
+            layout (``SegmentLayout.windows``; Qwen2.5-VL's non-full-attention blocks).
     """
 
     blocks: str
@@ -35,6 +37,7 @@ class LocateSpec:
     hidden_input: Optional[str] = None
     token_dim: int = 1
     side_inputs: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    windowed_blocks: Tuple[int, ...] = ()
 
     def block_path(self, i: int) -> str:
         return f"{self.blocks}.{i}"

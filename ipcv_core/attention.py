@@ -9,6 +9,11 @@ attended as one batched SDPA ``(B * S_g, H, L, E)``; other segments one by one. 
 ``q_prefix=True``: the queries are not compact but the first ``q_i`` rows of each key segment of
 ``q`` (``q`` has the keys' rows) — the layout of an attention-stabilisation block whose rows are
 arranged per segment as ``[kept rows; reconstructed rows]``.
+
+``q_groups`` / ``kv_groups``: an id per query / key row (e.g. the attention window of a
+Qwen2.5-VL token); within each segment a query attends only to keys of its own group — the
+window attention of a frame whose kept rows no longer form whole windows.  The group mask is
+built per segment (``q_i x kv_i``), never across segments.
 """
 
 from __future__ import annotations
@@ -64,6 +69,21 @@ def _mask_blocks(m: torch.Tensor, q_off: int, ql: int, kv_off: int, kl: int, cou
     return torch.stack(blocks, dim=1).reshape(Bm * count, Hm, *blocks[0].shape[-2:])
 
 
+def _group_mask(qg: torch.Tensor, kg: torch.Tensor, B: int, q_off: int, ql: int, kv_off: int, kl: int, count: int,
+                q_stride: int) -> torch.Tensor:
+    """``(B*count, 1, ql, kl)`` bool: query and key rows of the same group, per segment of a run."""
+    qg = qg.reshape(-1, qg.shape[-1]) if qg.dim() > 1 else qg.unsqueeze(0)
+    kg = kg.reshape(-1, kg.shape[-1]) if kg.dim() > 1 else kg.unsqueeze(0)
+    blocks = []
+    for j in range(count):
+        a = qg[:, q_off + j * q_stride:q_off + j * q_stride + ql]
+        b = kg[:, kv_off + j * kl:kv_off + (j + 1) * kl]
+        blocks.append(a.unsqueeze(-1) == b.unsqueeze(-2))  # (Bg, ql, kl)
+    m = torch.stack(blocks, dim=1) if count > 1 else blocks[0].unsqueeze(1)  # (Bg, count, ql, kl)
+    m = m.expand(B, *m.shape[1:]) if m.shape[0] == 1 and B > 1 else m
+    return m.reshape(B * count, 1, ql, kl)
+
+
 def segment_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -75,6 +95,8 @@ def segment_attention(
     q_prefix: bool = False,
     scale: Optional[float] = None,
     enable_gqa: bool = False,
+    q_groups: Optional[torch.Tensor] = None,
+    kv_groups: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` of each segment's queries over the same segment's keys.
 
@@ -83,6 +105,10 @@ def segment_attention(
     whole rows (bool or float; only its diagonal blocks are used).  Returns ``(B, H, sum(q_lengths),
     E)`` (or 3-D), the segments' queries in order.
     """
+    if kv_groups is not None and q_groups is None and not q_prefix:
+        if list(q_lengths) != list(kv_lengths):
+            raise ValueError("segment_attention: q_groups are needed when the queries are not the keys' rows")
+        q_groups = kv_groups
     three = q.dim() == 3
     if three:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
@@ -103,6 +129,12 @@ def segment_attention(
         if attn_mask is not None:
             m = attn_mask.expand(B, *attn_mask.shape[1:]) if attn_mask.shape[0] == 1 and B > 1 else attn_mask
             ms = _mask_blocks(m, kv_off if q_prefix else q_off, ql, kv_off, kl, count, kl if q_prefix else ql)
+        if kv_groups is not None:
+            if q_prefix:  # the queries are rows of the keys: their groups too
+                gm = _group_mask(kv_groups, kv_groups, B, kv_off, ql, kv_off, kl, count, kl)
+            else:
+                gm = _group_mask(q_groups, kv_groups, B, q_off, ql, kv_off, kl, count, ql)
+            ms = gm if ms is None else (ms & gm if ms.dtype == torch.bool else ms.masked_fill(~gm, float("-inf")))
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=ms, scale=scale, enable_gqa=enable_gqa)
         if count > 1:
             o = o.reshape(B, count, Hq, ql, o.shape[-1]).transpose(1, 2).reshape(B, Hq, count * ql, o.shape[-1])

@@ -6,9 +6,12 @@ FLOPs (a multiply-add counts 2), for a pre-norm ViT block of width ``D`` with ``
 * attention: q and out projections ``2·Lq·D²`` each, k and v projections ``2·Lkv·D²`` each,
   ``QKᵀ`` and ``AV`` ``2·Lq·Lkv·D`` each (softmax, norms, biases and LayerScale not counted);
 * FFN: ``2·L·W`` with ``W`` the FFN's weight entries (``2·D·M`` for fc1/fc2 of width ``M``);
-* one key projection (ToMe / ToFu / DART metric, the bipartite selection's keys): ``2·L·D²``;
-* neighbour search of ``R`` removed rows among ``K`` kept: ``2·R·K·D``; one NGR evaluation with
-  ``k`` neighbours: ``2·R·min(k, K)·D``; bipartite similarities of ``n`` rows: ``2·n·⌊n/2⌋·D``;
+* one key projection (DART's metric, a block-input bipartite stage's keys): ``2·L·D²`` — a
+  post-attention stage (and ToMe) reuses the keys its attention computed: none;
+* neighbour search of ``R`` removed rows among ``K`` kept: ``2·R·K·C``; one NGR evaluation with
+  ``k`` neighbours: ``2·R·min(k, K)·D``; bipartite similarities of ``n`` rows (set A against set
+  B): ``2·⌈n/2⌉·⌊n/2⌋·C`` — ``C`` the width of the metric the search runs on (``D`` for hidden
+  states, ``ModelDims.key_dim`` — the head dim — for head-averaged keys);
 * patch embedding of ``n`` patches: ``2·n·C·p²·D``.
 
 :func:`config_flops` applies these to an :class:`~ipcv_core.IPCVConfig`'s schedule (the rows every
@@ -47,10 +50,18 @@ class ModelDims:
     patch: int = 0
     channels: int = 3
     ffn_params: Optional[int] = None
+    # width of the matching metric (head-averaged attention keys: the head dim); None = ``dim``,
+    # an upper bound
+    key_dim: Optional[int] = None
 
     @property
     def ffn_weights(self) -> int:
         return self.ffn_params if self.ffn_params is not None else 2 * self.dim * self.mlp
+
+    @property
+    def metric(self) -> "ModelDims":
+        """Dims whose width is the matching metric's (for similarities computed on the keys)."""
+        return ModelDims(self.key_dim or self.dim)
 
 
 def attention_flops(lq: int, lkv: int, d: ModelDims) -> float:
@@ -76,8 +87,9 @@ def ngr_flops(removed: int, kept: int, k: int, d: ModelDims, evaluations: int = 
 
 
 def matching_flops(rows: int, d: ModelDims) -> float:
-    """Bipartite similarities of ``rows`` rows at width ``D`` (an upper bound for head-averaged keys)."""
-    return 2.0 * rows * (rows // 2) * d.dim
+    """Bipartite similarities of ``rows`` rows (set A against set B, ``⌈rows/2⌉ x ⌊rows/2⌋``) at
+    the metric's width (``d.key_dim``; ``D`` when unset, an upper bound)."""
+    return 2.0 * ((rows + 1) // 2) * (rows // 2) * (d.key_dim or d.dim)
 
 
 def patch_embed_flops(patches: int, d: ModelDims) -> float:
@@ -96,19 +108,31 @@ def config_flops(cfg: Optional[IPCVConfig], n_tokens: int, protected: int, depth
     block) and the reintegration's NGR."""
     if cfg is None:
         return depth * block_flops(n_tokens, n_tokens, n_tokens, dims)
+    cfg = cfg.resolve(depth)
     sched = dict(cfg.schedule)
+    post = cfg.post_attention
     rows = prev = n_tokens
     total = 0.0
+
+    def stage(b):
+        nonlocal prev, rows, total
+        K = protected + num_keep(n_tokens - protected, sched[b], cfg.min_keep)
+        R = prev - K
+        # neighbour search (on the keys for key-metric selections) + the reintegration's NGR
+        total += knn_flops(R, K, dims.metric if cfg.needs_key_metric else dims) + ngr_flops(R, K, cfg.k, dims)
+        if cfg.needs_key_metric:  # post-attention stages reuse the attention's keys: no projection
+            total += matching_flops(prev, dims) + (0.0 if post else key_flops(prev, dims))
+        prev = rows = K
+
     for b in range(depth):
-        if b in sched:
-            K = protected + num_keep(n_tokens - protected, sched[b], cfg.min_keep)
-            R = prev - K
-            total += knn_flops(R, K, dims) + ngr_flops(R, K, cfg.k, dims)  # search + reintegration
-            if cfg.needs_key_metric:
-                total += key_flops(prev, dims) + matching_flops(prev, dims)
-            prev = rows = K
+        if b in sched and not post:
+            stage(b)
         if cfg.prune_layer <= b < cfg.as_end:
             total += block_flops(rows, n_tokens, rows, dims) + ngr_flops(n_tokens - rows, rows, cfg.k, dims)
+        elif post and b in sched:  # post-attention: attention on the incoming rows, FFN on the kept ones
+            total += attention_flops(rows, rows, dims)
+            stage(b)
+            total += ffn_flops(rows, dims)
         else:
             total += block_flops(rows, rows, rows, dims)
     return total

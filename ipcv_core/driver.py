@@ -20,6 +20,8 @@ Schedule (blocks numbered from 0, ``l_p = prune_layer``, ``Δ = as_depth``):
 * blocks in ``[l_p, l_p+Δ)`` (AS): removed rows are NGR-reconstructed from the kept rows and join
   attention as keys/values only; queries are computed for kept rows only; FFN on kept rows only.
 * blocks ``>= l_p+Δ``: kept rows only.
+* ``placement="post_attention"``: a stage's block runs its attention on the incoming rows, the
+  stage prunes ``x + A(x)`` (matching on that attention's keys), the FFN runs on the kept rows.
 * after the last block: removed rows reconstructed by NGR and put back in place (reintegration).
 """
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Protocol, Sequence
+from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
 import torch
 
@@ -36,7 +38,7 @@ from .prune import PruneOutputs, kept_lengths, prune_stage, reconstruct_nested, 
 from .segments import SegmentLayout, SegmentPlan
 from .selection import compact
 
-__all__ = ["AttnContext", "Block", "Branches", "DriverOutput", "attend", "run_blocks", "run_ipcv"]
+__all__ = ["AttnContext", "Block", "Branches", "DriverOutput", "attend", "attend_with_keys", "run_blocks", "run_ipcv"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,11 @@ class Block(Protocol):
     """Per-block callables.  ``key_features(x, pos=None)`` is optional (used by key-matching
     baselines such as ToMe and by ``selection="bipartite"``): the attention keys of rows ``x`` as
     the attention core sees them (norm applied; rotary at the rows' original positions ``pos``,
-    None = ``0..L-1``), averaged over heads, ``(B, L, C)``."""
+    None = ``0..L-1``), averaged over heads, ``(B, L, C)``.  ``attention_with_keys(x_q, x_kv,
+    ctx) -> (update, keys)`` is optional too: the attention update and the head-averaged keys of
+    the kv rows that this attention computed (post-attention stages and ToMe match on them without
+    projecting the keys a second time); without it the driver calls ``key_features`` on the kv rows
+    (the same values, one more key projection in eager mode)."""
 
     def attention_branch(self, x_q: torch.Tensor, x_kv: torch.Tensor, ctx: AttnContext) -> torch.Tensor: ...
 
@@ -118,9 +124,19 @@ class Branches:
     attention: Callable[[torch.Tensor, torch.Tensor, AttnContext], torch.Tensor]
     ffn: Callable[[torch.Tensor], torch.Tensor]
     keys: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # (x_q, x_kv, ctx) -> (update, head-averaged keys of x_kv as this attention computed them)
+    attention_keys: Optional[Callable] = None
 
     def attention_branch(self, x_q, x_kv, ctx):
         return self.attention(x_q, x_kv, ctx)
+
+    def attention_with_keys(self, x_q, x_kv, ctx):
+        """``(update, keys)``: the attention update of the query rows and the head-averaged keys of
+        the kv rows (the attention's own, with ``attention_keys``; else ``key_features`` of the kv
+        rows — the same values at the cost of one more key projection)."""
+        if self.attention_keys is not None:
+            return self.attention_keys(x_q, x_kv, ctx)
+        return self.attention(x_q, x_kv, ctx), self.key_features(x_kv, ctx.kv_pos)
 
     def ffn_branch(self, x):
         return self.ffn(x)
@@ -133,12 +149,14 @@ class Branches:
         return self.keys(x) if pos is None else self.keys(x, pos)
 
     @classmethod
-    def per_layer(cls, layers, attention, ffn, keys=None) -> List["Branches"]:
+    def per_layer(cls, layers, attention, ffn, keys=None, attention_keys=None) -> List["Branches"]:
         """One ``Branches`` per layer from functions taking the layer first:
-        ``attention(layer, x_q, x_kv, ctx)``, ``ffn(layer, x)``, ``keys(layer, x)``."""
+        ``attention(layer, x_q, x_kv, ctx)``, ``ffn(layer, x)``, ``keys(layer, x)``,
+        ``attention_keys(layer, x_q, x_kv, ctx) -> (update, keys)``."""
         return [
             cls(functools.partial(attention, layer), functools.partial(ffn, layer),
-                None if keys is None else functools.partial(keys, layer))
+                None if keys is None else functools.partial(keys, layer),
+                None if attention_keys is None else functools.partial(attention_keys, layer))
             for layer in layers
         ]
 
@@ -153,16 +171,21 @@ class DriverOutput:
     scores: torch.Tensor  # (B, N) scores of the first stage
     plan: SegmentPlan  # of the last stage
     stages: List[PruneOutputs] = field(default_factory=list)  # every prune stage, in order
+    taps: Dict[int, torch.Tensor] = field(default_factory=dict)  # block -> its output, full length (taps=)
+    metric_dims: List[Optional[int]] = field(default_factory=list)  # per stage: width of its matching metric
 
 
-def run_blocks(h: torch.Tensor, blocks: Sequence[Block], layout: SegmentLayout | None = None) -> torch.Tensor:
+def run_blocks(h: torch.Tensor, blocks: Sequence[Block], layout: SegmentLayout | None = None,
+               taps: Sequence[int] = (), tapped: Optional[Dict[int, torch.Tensor]] = None) -> torch.Tensor:
     """The plain block stack (no pruning), through the same branch callables; attention within
-    each segment of ``layout``."""
+    each segment of ``layout``.  ``taps``: blocks whose outputs are also stored in ``tapped``."""
     lengths = (layout or SegmentLayout()).lengths
     ctx = AttnContext()
-    for blk in blocks:
+    for li, blk in enumerate(blocks):
         h = h + attend(blk, h, h, ctx, lengths, lengths)
         h = h + blk.ffn_branch(h)
+        if li in taps and tapped is not None:
+            tapped[li] = h
     return h
 
 
@@ -171,14 +194,17 @@ def run_ipcv(
     blocks: Sequence[Block],
     config: IPCVConfig,
     layout: SegmentLayout | None = None,
+    taps: Sequence[int] = (),
 ) -> DriverOutput:
     """Run ``blocks`` on ``h (B, N, D)`` with IPCV (``config.selection`` names the selection rule;
     other rules are added with :func:`ipcv_core.rules.register_selection`).  Attention stays
-    within each segment (image / frame) of ``layout``: packed segments are attended one by one."""
+    within each segment (image / frame) of ``layout``: packed segments are attended one by one.
+    ``taps``: blocks whose outputs are returned too (``DriverOutput.taps``), restored to the full
+    sequence by NGR through the stages so far (as the final output)."""
     if h.dim() != 3:
         raise ValueError(f"hidden states must be (B, N, D), got shape {tuple(h.shape)}")
     layout = layout or SegmentLayout()
-    config.validate_depth(len(blocks))
+    config = config.resolve(len(blocks))
     B, N, D = h.shape
     stage_of = {layer: i for i, (layer, _) in enumerate(config.schedule)}
     full = layout.lengths  # per-segment rows (None: one segment per batch row)
@@ -186,27 +212,47 @@ def run_ipcv(
     ctx = AttnContext()
 
     stages: List[PruneOutputs] = []
+    tapped: Dict[int, torch.Tensor] = {}
     x, x_prev = h, h
     as_ctx = None
+    post = config.post_attention
+    metric_dims: List[Optional[int]] = []
+
+    def stage_at(li, rows, rows_prev, metric):
+        """Prune stage of block ``li`` on ``rows`` (``rows_prev``: the rows eq. 1 compares with)."""
+        nonlocal ctx, rows_now, as_ctx
+        metric_dims.append(None if metric is None else int(metric.shape[-1]))
+        pos = stages[-1].positions if stages else None
+        st = prune_stage(rows, rows_prev, h, layout, config, stage_of[li], positions=pos, metric=metric,
+                         log_size=stages[-1].log_size if stages else None)
+        stages.append(st)
+        pos = st.positions
+        rows_now = kept_lengths(layout, config, stage_of[li], N)
+        ctx = AttnContext(q_pos=pos, kv_pos=pos,
+                          bias=st.log_size[:, None, None, :] if config.merge_rule.attention_bias else None)
+        if li == config.prune_layer:
+            as_ctx = AttnContext(q_pos=pos, kv_pos=None, q_in_kv=pos)
+        return st.x_keep
+
     for li, blk in enumerate(blocks):
-        if li in stage_of:
+        if li in stage_of and not post:
             pos = stages[-1].positions if stages else None
             metric = _key_metric(blk, x, pos) if config.needs_key_metric else None
-            st = prune_stage(x, x_prev, h, layout, config, stage_of[li], positions=pos, metric=metric,
-                             log_size=stages[-1].log_size if stages else None)
-            stages.append(st)
-            pos, x = st.positions, st.x_keep
-            rows_now = kept_lengths(layout, config, stage_of[li], N)
-            ctx = AttnContext(q_pos=pos, kv_pos=pos,
-                              bias=st.log_size[:, None, None, :] if config.merge_rule.tracks_sizes else None)
-            if li == config.prune_layer:
-                as_ctx = AttnContext(q_pos=pos, kv_pos=None, q_in_kv=pos)
+            x = stage_at(li, x, x_prev, metric)
         x_prev = x
         if config.prune_layer <= li < config.as_end:
             x = x + attend(blk, x, reconstruct_nested(x, stages), as_ctx, rows_now, full)
+        elif post and li in stage_of:  # post-attention stage: the attention's own keys, FFN on the kept rows
+            if config.needs_key_metric:
+                upd, metric = attend_with_keys(blk, x, ctx, rows_now)
+            else:
+                upd, metric = attend(blk, x, x, ctx, rows_now, rows_now), None
+            x = stage_at(li, x + upd, x, metric)
         else:
             x = x + attend(blk, x, x, ctx, rows_now, rows_now)
         x = x + blk.ffn_branch(x)
+        if li in taps:
+            tapped[li] = reconstruct_nested(x, stages) if config.reintegrate else x
 
     out = reconstruct_nested(x, stages) if config.reintegrate else x
     last = stages[-1]
@@ -217,7 +263,34 @@ def run_ipcv(
         mask = torch.zeros(B, N, dtype=torch.bool, device=h.device).scatter(1, pos, True)
         keep_idx, rem_idx = compact(mask, pos.shape[1]), compact(~mask, N - pos.shape[1])
     plan = stage_plan(layout, config, len(stages) - 1, N)
-    return DriverOutput(out, keep_idx, rem_idx, last.nbr_idx, last.nbr_w, stages[0].scores, plan, stages)
+    return DriverOutput(out, keep_idx, rem_idx, last.nbr_idx, last.nbr_w, stages[0].scores, plan, stages, tapped,
+                        metric_dims)
+
+
+def attend_with_keys(blk, x: torch.Tensor, ctx: AttnContext, lengths: Optional[Sequence[int]] = None):
+    """Self-attention of rows ``x`` (within each segment of ``lengths``) and the head-averaged keys
+    it computed: ``blk.attention_with_keys`` where the block has it, else the update plus
+    ``key_features`` of the same rows."""
+    fn = getattr(blk, "attention_with_keys", None)
+    if fn is None:
+        return attend(blk, x, x, ctx, lengths, lengths), _key_metric(blk, x, ctx.kv_pos)
+
+    def one(xs, c):
+        try:
+            return fn(xs, xs, c)
+        except NotImplementedError as e:
+            raise ValueError("a post-attention key-metric stage needs the block's attention keys "
+                             "(Block.attention_with_keys or Block.key_features); this block provides none") from e
+
+    if lengths is None or len(lengths) == 1:
+        return one(x, ctx)
+    ups, keys, o = [], [], 0
+    for n in lengths:
+        u, k = one(x[:, o:o + n], ctx.segment(o, n, o, n))
+        ups.append(u)
+        keys.append(k)
+        o += n
+    return torch.cat(ups, dim=1), torch.cat(keys, dim=1)
 
 
 def _key_metric(blk, x: torch.Tensor, pos) -> torch.Tensor:

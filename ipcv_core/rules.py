@@ -1,5 +1,5 @@
 """The variant rules, declared once: how tokens are selected, where NGR looks for neighbours, and
-whether removed tokens are merged.  :class:`~ipcv_core.IPCVConfig` validation, the prune step
+whether removed tokens are merged, and where a stage sits in its block.  :class:`~ipcv_core.IPCVConfig` validation, the prune step
 (:mod:`ipcv_core.prune`), the eager driver, the cost model and the graph rewrite all ask these
 rules what a configuration needs instead of comparing names.
 
@@ -11,7 +11,11 @@ remove (``max_removed_fraction``), whether it keeps one token per Z-order group 
 and whether it can run inside an exported graph (``exportable``).  New rules are registered with
 :func:`register_selection` (e.g. a harness's data-dependent baseline).
 
-The paper's method is ``selection="score"``, ``reconstruction="feature"``, ``merge="none"``.
+A :class:`PlacementRule` says where in its block a stage sits (the block input, or between the
+attention's residual add and the FFN).
+
+The paper's method is ``selection="score"``, ``reconstruction="feature"``, ``merge="none"``,
+``placement="block_input"``.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from .selection import feature_difference_score
 from .variants import bipartite_scores, hash_of
 
 __all__ = [
-    "ScoreInputs", "SelectionRule", "ReconstructionRule", "MergeRule",
+    "ScoreInputs", "SelectionRule", "ReconstructionRule", "MergeRule", "PlacementRule",
     "register_selection", "selection_rule", "selection_names",
     "reconstruction_rule", "reconstruction_names", "merge_rule", "merge_names",
+    "placement_rule", "placement_names",
 ]
 
 
@@ -42,6 +47,9 @@ class ScoreInputs(NamedTuple):
     x0: torch.Tensor  # (B, N, D) the block stack's input (original rows)
     plan: object  # the stage's SegmentPlan (segments of the current rows)
     seed: int
+    # (B, L) position of each row within its original segment (image / frame); None = ``positions``.
+    # Hashed selections read it, so an image keeps the same tokens wherever it sits in a packed row.
+    segment_positions: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -66,13 +74,40 @@ class ReconstructionRule:
     name: str
     needs_grid: bool  # neighbours by distance on the patch grid (needs SegmentLayout.grids)
     description: str = ""
+    # a removed row is restored as a copy of its first neighbour's value (ToMe's unmerge) instead of
+    # its own value at the stage plus the neighbours' later change (NGR)
+    copies_neighbour: bool = False
 
 
 @dataclass(frozen=True)
 class MergeRule:
     name: str
-    tracks_sizes: bool  # removed rows are absorbed by their first neighbour; proportional attention
+    tracks_sizes: bool  # removed rows are absorbed by their first neighbour; sizes accumulate
     averages: bool  # the absorbing row's value becomes the size-weighted mean
+    description: str = ""
+    proportional: bool = True  # with tracks_sizes: attention adds log(size) of every key (ToMe's proportional attention)
+
+    @property
+    def attention_bias(self) -> bool:
+        """Attention after a stage adds ``log(size)`` of every key to the logits."""
+        return self.tracks_sizes and self.proportional
+
+
+@dataclass(frozen=True)
+class PlacementRule:
+    """Where in its block a prune stage sits.
+
+    ``after_attention``: between the attention's residual add and the FFN (ToMe's placement) — the
+    block's attention runs on the incoming rows, the stage scores the rows ``h = x + A(x)`` (the
+    previous rows for eq. 1 are the block input ``x``), key-metric selections use the keys that
+    attention itself computed (no second key projection), and the FFN runs on the kept rows.
+    ``first_layer``: the lowest block a stage may sit at; ``allows_as``: attention stabilisation
+    (AS, ``as_depth > 0``) is defined for this placement."""
+
+    name: str
+    after_attention: bool
+    first_layer: int
+    allows_as: bool
     description: str = ""
 
 
@@ -81,7 +116,7 @@ def _eq1(s: ScoreInputs) -> torch.Tensor:
 
 
 def _hashed(s: ScoreInputs) -> torch.Tensor:
-    return hash_of(s.positions, s.seed)
+    return hash_of(s.positions if s.segment_positions is None else s.segment_positions, s.seed)
 
 
 def _bipartite(s: ScoreInputs) -> torch.Tensor:
@@ -94,6 +129,7 @@ _lock = threading.Lock()
 _SELECTIONS: Dict[str, SelectionRule] = {}
 _RECONSTRUCTIONS: Dict[str, ReconstructionRule] = {}
 _MERGES: Dict[str, MergeRule] = {}
+_PLACEMENTS: Dict[str, PlacementRule] = {}
 
 
 def register_selection(rule: SelectionRule) -> SelectionRule:
@@ -138,6 +174,14 @@ def merge_names() -> Tuple[str, ...]:
     return tuple(_MERGES)
 
 
+def placement_rule(name: str) -> PlacementRule:
+    return _lookup(_PLACEMENTS, "placement", name)
+
+
+def placement_names() -> Tuple[str, ...]:
+    return tuple(_PLACEMENTS)
+
+
 for _r in (
     SelectionRule("score", _eq1, description="eq. 1 top-K: the update of the previous block (the paper)"),
     SelectionRule("random", _hashed, description="a seeded integer hash of the token's original position"),
@@ -153,11 +197,22 @@ for _c in (
     ReconstructionRule("feature", False, "k nearest kept rows by feature distance at the stage (cosine of the "
                                          "keys for key-metric selections)"),
     ReconstructionRule("spatial", True, "k nearest kept rows on the patch grid"),
+    ReconstructionRule("copy", False, "the value of the nearest kept row (by feature distance as 'feature'): "
+                                      "ToMe's unmerge (with merge='average', the merged group's value)",
+                       copies_neighbour=True),
 ):
     _RECONSTRUCTIONS[_c.name] = _c
 for _m in (
     MergeRule("none", False, False, "removed rows are only reconstructed (the paper)"),
     MergeRule("size_bias", True, False, "proportional attention: log(size) of each kept row added to the logits"),
     MergeRule("average", True, True, "size_bias + the kept row's value becomes the size-weighted mean"),
+    MergeRule("average_plain", True, True, "the size-weighted mean without proportional attention (an ablation)",
+              proportional=False),
 ):
     _MERGES[_m.name] = _m
+for _p in (
+    PlacementRule("block_input", False, 1, True, "at the input of the stage's block (the paper)"),
+    PlacementRule("post_attention", True, 0, False,
+                  "between the attention residual add and the FFN, on the block's own attention keys (ToMe)"),
+):
+    _PLACEMENTS[_p.name] = _p

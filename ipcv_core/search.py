@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .config import IPCVConfig, gradual_stages
 
-__all__ = ["Candidate", "TuneResult", "tune", "merge_family_config", "short_description", "MERGE_SPACE"]
+__all__ = ["Candidate", "TuneResult", "tune", "merge_family_config", "short_description", "MERGE_SPACE", "MERGE_START"]
 
 
 @dataclass
@@ -49,26 +49,43 @@ def short_description(cfg: IPCVConfig) -> str:
     """One line naming the fields a tuned config differs in."""
     s = (f"sel={cfg.selection} rec={cfg.reconstruction}/{cfg.weighting} k={cfg.k} "
          f"l_p={cfg.prune_layer} Δ={cfg.as_depth} merge={cfg.merge}")
+    if cfg.placement != "block_input":
+        s += f" at={cfg.placement}"
     if cfg.stages:
         s += f" stages={cfg.stages[0][0]}..{cfg.stages[-1][0]}({len(cfg.stages)})"
-        fr = cfg.extras.get("front")
-        if fr is not None:
-            s += f" front={fr}"
+        for name in ("front", "every"):
+            v = cfg.extras.get(name)
+            if v is not None and not (name == "every" and v == 1):
+                s += f" {name}={v}"
     return s
 
 
-MERGE_SPACE = {"first": [1, 2], "front": [0.8, 0.9, 1.0, 1.2], "k": [1, 3], "merge": ["average", "size_bias"]}
+#: the merge family's search space (coordinate descent over these, from the first value of each
+#: but ``front``, which starts at 1.0 — ToMe's even schedule)
+MERGE_SPACE = {
+    "placement": ["post_attention", "block_input"],
+    "first": [0, 1, 2],
+    "front": [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5],
+    "every": [1, 2, 3],
+    "k": [1, 2, 3],
+    "merge": ["average", "size_bias"],
+}
+MERGE_START = dict(placement="post_attention", first=0, front=1.0, every=1, k=1, merge="average")
 
 
 def merge_family_config(retain: float, depth: int, first: int = 1, front: float = 1.0, k: int = 1,
-                        merge: str = "average") -> IPCVConfig:
-    """A config of the gradual-merging family: bipartite selection at every block from ``first``
-    to ``depth - 1`` (:func:`ipcv_core.gradual_stages` with ``front``), merge, no AS, NGR with
-    ``k`` cosine-nearest kept rows at reintegration.  ``extras["front"]`` records ``front``."""
+                        merge: str = "average", placement: str = "block_input", every: int = 1,
+                        reconstruction: str = "feature") -> IPCVConfig:
+    """A config of the gradual-merging family: bipartite selection at blocks ``first,
+    first+every, ...`` up to the final stage at ``depth - 1`` (:func:`ipcv_core.gradual_stages`
+    with ``front``), merge, no AS, NGR with ``k`` cosine-nearest kept rows at reintegration
+    (``reconstruction="copy"``: ToMe's unmerge).  ``placement="post_attention"``: each stage sits
+    between its block's attention and FFN, on that attention's keys (ToMe's placement; ``first``
+    may be 0).  ``extras`` records ``front`` and ``every``."""
     last = depth - 1
     return IPCVConfig(retain=retain, prune_layer=last, as_depth=0, k=k, selection="bipartite", merge=merge,
-                      reconstruction="feature", weighting="mean", stages=gradual_stages(retain, first, last, front),
-                      extras={"front": front})
+                      reconstruction=reconstruction, weighting="mean", placement=placement,
+                      stages=gradual_stages(retain, first, last, front, every), extras={"front": front, "every": every})
 
 
 def _space(depth: int) -> Dict[str, List]:
@@ -94,6 +111,8 @@ def tune(
     confirm: Optional[Callable[[IPCVConfig], float]] = None,
     confirm_top: int = 4,
     families: Sequence[str] = ("prune", "merge"),
+    reference: Optional[IPCVConfig] = None,
+    max_cost: float = 1.0,
 ) -> TuneResult:
     """Coordinate-descent search.
 
@@ -102,33 +121,50 @@ def tune(
             subset of them).
         cost: config -> cost relative to the reference (the paper's IPCV at ``retain``) = 1.0.
         has_grid: whether the patch grid is known (spatial / stratified variants need it).
-        tolerance: allowed relative excess over the reference cost.
+        tolerance: allowed relative excess over the budget.
+        max_cost: the budget, relative to the reference's cost (1.0: the paper's IPCV at ``retain``;
+            e.g. 1.1 allows 10 % more FLOPs / time): a candidate is feasible when its cost is at most
+            ``max_cost * (1 + tolerance)``.
         confirm: optional config -> fidelity on all images; the ``confirm_top`` best screened
             candidates (and the reference) are re-scored with it and the best of those is chosen.
+        reference: the configuration the budget is relative to and the descent starts from (default:
+            the paper's method, ``IPCVConfig(retain=retain)`` resolved for ``depth``).
         families: ``"prune"`` — the paper's one-shot pruning and its variants (coordinate descent
             from the paper's config over selection x reconstruction x k x (l_p, Δ) x merge);
             ``"merge"`` — gradual bipartite merging (:func:`merge_family_config`; descent from
-            ``first=1, front=1, k=1, average`` over :data:`MERGE_SPACE`).  The best of both wins.
+            :data:`MERGE_START` over :data:`MERGE_SPACE`; at every point the schedule's ``front`` is
+            fitted to the budget — the most back-loaded schedule that fits, since fidelity rises
+            with ``front`` and so does cost — and then also descended).  The best of both wins.
     """
     for f in families:
         if f not in ("prune", "merge"):
             raise ValueError(f"families must be a subset of ('prune', 'merge'), got {tuple(families)!r}")
     t0 = time.perf_counter()
-    reference = IPCVConfig.paper(retain)
-    reference.validate_depth(depth)
+    reference = (reference or IPCVConfig(retain=retain)).replace(retain=retain).resolve(depth)
     space = _space(depth)
     if not has_grid:
         space["recon"] = [r for r in space["recon"] if r[0] != "spatial"]
         space["selection"] = [s for s in space["selection"] if not s.startswith("stratified")]
     seen: Dict[str, Candidate] = {}
+    costs: Dict[str, float] = {}
+
+    def key_of(cfg: IPCVConfig) -> str:
+        return json.dumps({k: v for k, v in cfg.to_dict().items() if k != "extras"}, sort_keys=True)
+
+    def cost_of(cfg: IPCVConfig) -> float:
+        """``cost(cfg)``, once per configuration (a latency budget times it)."""
+        key = key_of(cfg)
+        if key not in costs:
+            costs[key] = cost(cfg)
+        return costs[key]
 
     def run(cfg: IPCVConfig) -> Candidate:
-        key = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "extras"}, sort_keys=True)
+        key = key_of(cfg)
         if key in seen:
             return seen[key]
         c = Candidate(cfg)
-        c.cost = cost(cfg)
-        c.feasible = c.cost <= 1.0 + tolerance
+        c.cost = cost_of(cfg)
+        c.feasible = c.cost <= max_cost * (1.0 + tolerance)
         if c.feasible:
             c.fidelity = evaluate(cfg)
             if progress:
@@ -136,7 +172,8 @@ def tune(
         seen[key] = c
         return c
 
-    def descend(point: Dict[str, Any], fid: float, space_: Dict[str, List], make, skip_invalid: bool):
+    def descend(point: Dict[str, Any], fid: float, space_: Dict[str, List], make, skip_invalid: bool,
+                point_of: Optional[Callable[[IPCVConfig], Dict[str, Any]]] = None):
         """Coordinate descent from ``point`` (fidelity ``fid``): each dimension's values in turn, the
         current point moves to any feasible candidate that improves; ``passes`` passes or until a
         pass changes nothing.  ``skip_invalid``: candidates whose config raises ValueError are
@@ -153,7 +190,7 @@ def tune(
                             raise
                         continue
                     if c.feasible and c.fidelity > fid + 1e-6:
-                        fid, point, improved = c.fidelity, trial, True
+                        fid, point, improved = c.fidelity, (point_of(c.config) if point_of else trial), True
             if not improved:
                 break
         return point, fid
@@ -176,14 +213,50 @@ def tune(
         def make_merge(p):
             return merge_family_config(retain, depth, **p)
 
-        point = dict(first=1, front=1.0, k=1, merge="average")
+        def fits(cfg: IPCVConfig) -> bool:
+            return cost_of(cfg) <= max_cost * (1.0 + tolerance)
+
+        fronts = sorted(MERGE_SPACE["front"])
+
+        def make_fitted(p):
+            """``p`` with the most back-loaded front that fits the budget (cost rises with the front:
+            a bisection over the valid fronts, so a measured budget times few of them)."""
+            valid = []
+            for fr in fronts:
+                try:
+                    valid.append(make_merge({**p, "front": fr}))
+                except ValueError:
+                    continue
+            lo, hi = 0, len(valid) - 1  # the answer is the last index that fits, if any
+            best = None
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                if fits(valid[mid]):
+                    best, lo = valid[mid], mid + 1
+                else:
+                    hi = mid - 1
+            return best if best is not None else make_merge(p)  # nothing fits: the (infeasible) point itself
+
+        def merge_point(cfg):
+            return {"placement": cfg.placement, "first": cfg.stages[0][0] if cfg.stages else cfg.prune_layer,
+                    "front": cfg.extras["front"], "every": cfg.extras.get("every", 1), "k": cfg.k, "merge": cfg.merge}
+
+        space2 = {**MERGE_SPACE, "first": [v for v in MERGE_SPACE["first"] if v <= depth - 1]}
+        structural = {k: v for k, v in space2.items() if k != "front"}
+        point = merge_point(make_fitted(dict(MERGE_START)))
         try:
             c = run(make_merge(point))
         except ValueError:  # e.g. a stage would remove more than half of its rows
             c = None
         m_fid = c.fidelity if (c is not None and c.feasible) else float("-inf")
-        space2 = {**MERGE_SPACE, "first": [v for v in MERGE_SPACE["first"] if v <= depth - 1]}
-        point, m_fid = descend(point, m_fid, space2, make_merge, skip_invalid=True)
+        for _ in range(passes):
+            before = m_fid
+            # structure (placement, first stage, spacing, k, merge) with the front fitted to the budget
+            point, m_fid = descend(point, m_fid, structural, make_fitted, skip_invalid=True, point_of=merge_point)
+            # then the front itself (a less back-loaded schedule can preserve more at the same cost)
+            point, m_fid = descend(point, m_fid, {"front": space2["front"]}, make_merge, skip_invalid=True)
+            if m_fid <= before + 1e-6:
+                break
         if m_fid > best_fid:
             best_fid, cur = m_fid, make_merge(point)
     table = list(seen.values())

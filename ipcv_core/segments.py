@@ -41,6 +41,9 @@ class SegmentLayout:
     protected: int = 0
     grids: Optional[Tuple[Tuple[int, int], ...]] = None
     merge: int = 1
+    #: packed layouts only: per segment the lengths of its attention windows (consecutive rows; Qwen2.5-VL's
+    #: window attention), or None.  Blocks named in LocateSpec.windowed_blocks attend within windows.
+    windows: Optional[Tuple[Tuple[int, ...], ...]] = None
 
     def __post_init__(self) -> None:
         if self.grids is not None:
@@ -70,17 +73,33 @@ class SegmentLayout:
             raise ValueError(f"SegmentLayout.merge must be an int >= 1 dividing every grid side, got {self.merge!r}")
         if not isinstance(self.protected, int) or isinstance(self.protected, bool) or self.protected < 0:
             raise ValueError(f"SegmentLayout.protected must be an int >= 0, got {self.protected!r}")
+        if self.windows is not None:
+            windows = tuple(tuple(int(w) for w in ws) for ws in self.windows)
+            object.__setattr__(self, "windows", windows)
+            if self.lengths is None or len(windows) != len(self.lengths) or any(
+                    sum(ws) != n or min(ws) < 1 for ws, n in zip(windows, self.lengths)):
+                raise ValueError(f"SegmentLayout.windows must give, per segment of a packed layout, window lengths "
+                                 f">= 1 summing to the segment's length {self.lengths}; got {self.windows!r}")
 
     @classmethod
     def batched(cls, protected: int = 0, grid: Optional[Tuple[int, int]] = None) -> "SegmentLayout":
         return cls(None, protected, None if grid is None else (tuple(grid),))
 
     @classmethod
-    def packed(cls, lengths: Sequence[int], protected: int = 0, grids=None, merge: int = 1) -> "SegmentLayout":
-        return cls(tuple(int(n) for n in lengths), protected, None if grids is None else tuple(map(tuple, grids)), merge)
+    def packed(cls, lengths: Sequence[int], protected: int = 0, grids=None, merge: int = 1, windows=None) -> "SegmentLayout":
+        return cls(tuple(int(n) for n in lengths), protected, None if grids is None else tuple(map(tuple, grids)), merge,
+                   None if windows is None else tuple(map(tuple, windows)))
 
     def without_grid(self) -> "SegmentLayout":
-        return SegmentLayout(self.lengths, self.protected)
+        return SegmentLayout(self.lengths, self.protected, windows=self.windows)
+
+    def window_ids(self, device=None) -> torch.Tensor:
+        """``(N,)`` int64: the window of every token (windows numbered across segments)."""
+        if self.windows is None:
+            raise ValueError("this layout has no windows")
+        sizes = torch.tensor([w for ws in self.windows for w in ws], dtype=torch.long)
+        ids = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        return ids.to(device) if device is not None else ids
 
     @property
     def static_tokens(self) -> Optional[int]:

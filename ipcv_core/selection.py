@@ -12,7 +12,7 @@ import torch
 
 from .segments import SegmentLayout, SegmentPlan, plan_segments
 
-__all__ = ["feature_difference_score", "select_per_segment", "compact", "gather_rows", "is_tracing", "check_scores"]
+__all__ = ["feature_difference_score", "select_per_segment", "compact", "gather_rows", "is_tracing"]
 
 
 def is_tracing() -> bool:
@@ -36,14 +36,6 @@ def feature_difference_score(h_lp: torch.Tensor, h_prev: torch.Tensor) -> torch.
     if h_lp.shape != h_prev.shape:
         raise ValueError(f"h_lp {tuple(h_lp.shape)} and h_prev {tuple(h_prev.shape)} must have the same shape")
     return torch.linalg.vector_norm((h_lp.float() - h_prev.float()), ord=2, dim=-1)
-
-
-def check_scores(scores: torch.Tensor) -> None:
-    """Eager-only guard: NaN scores would make the keep set meaningless."""
-    if is_tracing() or _is_fake(scores):
-        return
-    if torch.isnan(scores).any():
-        raise ValueError("scores contain NaN (the hidden states at prune_layer or prune_layer-1 contain NaN)")
 
 
 def compact(mask: torch.Tensor, count) -> torch.Tensor:
@@ -94,6 +86,9 @@ def select_per_segment(
     grid (:func:`ipcv_core.variants.stratified_top`; needs ``layout.grids``) instead of the global
     top-K.
 
+    Rows with NaN / inf scores still get a valid keep set (``K`` distinct positions; which ones is
+    the backend's TopK's business); nothing in one row depends on another.
+
     Selection is ``topk`` (exportable; static K), so exact ties among scores are resolved by the
     backend's TopK: deterministic for a given backend and input (PyTorch CPU and ONNX Runtime may
     pick different members of a tie).  The order of the kept list never depends on ties: it is
@@ -101,7 +96,9 @@ def select_per_segment(
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be (B, N), got shape {tuple(scores.shape)}")
-    check_scores(scores)
+    # Non-finite scores (an image with NaN / inf values) are not an error: TopK still returns K
+    # distinct positions of that row, so the keep set is valid, that image's output is NaN and no
+    # other row is touched — the same rule on every backend (a compiled graph cannot raise on data).
     B, N = scores.shape
     if plan is None:
         plan = plan_segments(layout, N, retain, min_keep)

@@ -11,7 +11,7 @@ from typing import Tuple
 import torch
 
 __all__ = ["token_rc", "hash_scores", "hash_of", "zorder_groups", "stratified_top", "grid_coords", "absorb_sizes",
-           "merge_average", "bipartite_scores", "normalise_metric"]
+           "merge_average", "bipartite_scores", "normalise_metric", "bipartite_redundancy", "budget_bucket"]
 
 _M = 2**31
 
@@ -148,7 +148,7 @@ def bipartite_scores(unit: torch.Tensor, plan) -> torch.Tensor:
 
     ``unit (B, L, C)``: the metric (e.g. head-averaged attention keys) with unit rows
     (:func:`normalise_metric`); ``plan`` the current rows' segment plan.  Returns ``(B, L)``
-    float32.  One ``(L_s x L_s/2)`` similarity block per segment.
+    float32.  One ``(⌈L_s/2⌉ x ⌊L_s/2⌋)`` similarity block per segment (set A against set B).
     """
     m = unit
     B = m.shape[0]
@@ -157,14 +157,37 @@ def bipartite_scores(unit: torch.Tensor, plan) -> torch.Tensor:
         lo = s.start + s.protected
         seg = m[:, lo : s.start + s.length]
         n = seg.shape[1]
-        b = seg[:, 1::2]
+        a, b = seg[:, 0::2], seg[:, 1::2]
         if isinstance(n, int) and n < 2:  # no B row: nothing to match (the row is kept or removed alone)
-            best = torch.full((B, n), -2.0, device=m.device)
+            best = torch.full((B, a.shape[1]), -2.0, device=m.device)
         else:
-            best = torch.bmm(seg, b.transpose(1, 2)).amax(dim=-1)
-        is_b = (torch.arange(n, device=m.device) % 2 == 1).unsqueeze(0)
-        score = torch.where(is_b, torch.full_like(best, _B_SCORE), -best)
+            best = torch.bmm(a, b.transpose(1, 2)).amax(dim=-1)  # (B, |A|): only A rows against B
+        # back in the segment's order: A rows at even offsets, B rows (1e4) at odd ones
+        score = torch.slice_scatter(torch.full((B, n), _B_SCORE, device=m.device), -best, dim=1, start=0, step=2)
         if s.protected:
             parts.append(torch.full((B, s.protected), _B_SCORE, device=m.device))
         parts.append(score)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def bipartite_redundancy(unit: torch.Tensor, protected: int = 0) -> torch.Tensor:
+    """A training-free redundancy measure per image (batch row): the bipartite similarity mass —
+    the mean over set-A rows (even offsets after the ``protected`` ones) of their highest cosine
+    similarity to a set-B row, i.e. the average score ToMe's matching would merge on.  ``unit (B,
+    L, C)``: unit-norm metric rows (:func:`normalise_metric` of e.g. block 0's head-averaged keys).
+    Returns ``(B,)`` float32 in ``[-1, 1]``; higher = more redundant (a sky-heavy photo), lower =
+    less (a document page).  One ``(L/2 x L/2)`` similarity block per image."""
+    m = unit[:, protected:]
+    a, b = m[:, 0::2], m[:, 1::2]
+    return torch.bmm(a, b.transpose(1, 2)).amax(dim=-1).mean(dim=1)
+
+
+def budget_bucket(redundancy: torch.Tensor, thresholds) -> torch.Tensor:
+    """The budget bucket of each image from its :func:`bipartite_redundancy`: ``0`` for the most
+    redundant (redundancy above ``thresholds[0]``), then ``1``, ..., ``len(thresholds)`` for the
+    least (``thresholds`` descending).  A small static menu of per-image retain ratios indexed by
+    the bucket keeps every graph shape-static: images of one bucket run that bucket's rewrite."""
+    t = torch.as_tensor(list(thresholds), dtype=redundancy.dtype, device=redundancy.device)
+    if t.numel() > 1 and not bool((t[:-1] >= t[1:]).all()):
+        raise ValueError(f"budget_bucket thresholds must be descending, got {list(thresholds)}")
+    return (redundancy.unsqueeze(-1) < t).sum(-1)

@@ -224,8 +224,10 @@ def test_original_tower_is_untouched(towers, rewritten):
     assert all(b.attn.config is t.config for b in t.blocks)
     rt = rewritten["qwen2_vl"][0]
     assert rt.spatial_merge_size == t.spatial_merge_size and rt.dtype == t.dtype and rt.config is t.config
-    names = {n for n, _ in rt.named_parameters()}
-    assert names == {"tower." + n for n, _ in t.named_parameters()}  # no duplicated weights
+    # the rewritten tower's parameter tree is the original's: same names (no "tower." prefix), same
+    # tensors, no duplicated weights (issue 14: VLM save_pretrained / from_pretrained round-trip)
+    assert dict(rt.named_parameters()).keys() == dict(t.named_parameters()).keys()
+    assert all(a is b for a, b in zip(rt.parameters(), t.parameters()))
 
 
 def test_output_flags(towers, rewritten):
@@ -238,8 +240,11 @@ def test_output_flags(towers, rewritten):
     assert len(out.hidden_states) == len(ref.hidden_states)
     assert _max_abs(out.hidden_states[-1], ref.hidden_states[-1]) <= 1e-6
     assert isinstance(tup, tuple) and torch.equal(tup[0], out.last_hidden_state)
-    with pytest.raises(NotImplementedError, match="last hidden state"):
-        rt(**kw, output_hidden_states=True)
+    with torch.no_grad():  # every hidden state: at retain 1.0 the original tower's
+        every, ref_every = rt(**kw, output_hidden_states=True), t(**kw, output_hidden_states=True)
+    assert len(every.hidden_states) == len(ref_every.hidden_states) == rt.adapter.depth + 1
+    for a, b in zip(every.hidden_states, ref_every.hidden_states):
+        assert _max_abs(a, b) <= 1e-6
     with pytest.raises(NotImplementedError, match="output_attentions"):
         rt(**kw, output_attentions=True)
     with pytest.raises(TypeError, match="unsupported keyword"):
@@ -264,8 +269,11 @@ def test_unsupported_tower_error_lists_supported_and_how_to_add():
 
 
 def test_depth_is_validated_before_capture():
+    """Defaults are clipped to the depth; an explicit value that does not fit raises, naming it."""
     with pytest.raises(ValueError, match="prune_layer"):
-        ipcv_compile.rewrite(tiny_tower("clip", depth=2), retain=0.5)  # paper defaults need >= 10 blocks
+        ipcv_compile.rewrite(tiny_tower("clip", depth=2), retain=0.5, prune_layer=3)
+    with pytest.raises(ValueError, match="as_depth"):
+        ipcv_compile.rewrite(tiny_tower("clip", depth=4), retain=0.5, prune_layer=3, as_depth=2)
 
 
 def test_deepcopy_of_rewritten_tower(towers, rewritten):

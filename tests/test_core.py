@@ -149,11 +149,16 @@ def test_selection_equal_segments_vectorised_path_matches_loop():
         assert keep[b].tolist() == ref_keep and rem[b].tolist() == ref_rem
 
 
-def test_nan_scores_raise():
-    s = torch.rand(1, 8)
-    s[0, 3] = float("nan")
-    with pytest.raises(ValueError, match="scores contain NaN"):
-        select_per_segment(s, SegmentLayout(), 0.5)
+def test_nan_scores_keep_a_valid_set_and_stay_in_their_row():
+    """Issue 14 (was: NaN scores raise): a row with NaN / inf scores still keeps K distinct positions
+    (compiled graphs cannot raise on data), and the other rows' selection is unchanged."""
+    s = torch.rand(3, 8)
+    ref_keep, ref_rem, _ = select_per_segment(s.clone(), SegmentLayout(), 0.5)
+    s[1, 3] = float("nan")
+    s[1, 5] = float("inf")
+    keep, rem, _ = select_per_segment(s, SegmentLayout(), 0.5)
+    assert sorted(keep[1].tolist() + rem[1].tolist()) == list(range(8))  # a partition of the row
+    assert torch.equal(keep[[0, 2]], ref_keep[[0, 2]]) and torch.equal(rem[[0, 2]], ref_rem[[0, 2]])
 
 
 def test_feature_difference_score_is_l2_of_update():

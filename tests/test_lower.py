@@ -170,7 +170,7 @@ def test_qwen2vl_onnx_equals_tower(towers, r, tmp_path):
     pv2, _ = qwen2vl_inputs(grids, seed=5)
     with torch.no_grad():
         ref = rt(pv2, grid_thw=thw)
-        last, pooled = lw(pv2)
+        last, pooled = lw(pv2, grid_thw=thw)  # the file checks the layout it is for (issue 14)
     assert rel(last, ref.last_hidden_state) <= TOL and rel(pooled, ref.pooler_output) <= TOL
 
 

@@ -51,7 +51,9 @@ def test_rewritten_synthetic_vit_passes(batched_report):
     ks = [k for _, k in rep.topk]
     assert ks and all(isinstance(k, int) and k <= TRT_TOPK_MAX_K for k in ks)  # selection K=8, kNN k=3
     assert "sort.default" not in rep.ops  # the rewrite never sorts the token list
-    assert "scatter.src" in rep.ops and "gather.default" in rep.ops and "cumsum.default" in rep.ops
+    # sort-free compaction (cumsum + scatter) and row gathers (gather, or index_select on flat rows)
+    assert "scatter.src" in rep.ops and "cumsum.default" in rep.ops
+    assert "gather.default" in rep.ops or "index_select.default" in rep.ops
     assert "TensorRT check: OK" in rep.format()
 
 

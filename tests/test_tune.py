@@ -82,7 +82,8 @@ def test_merge_family_is_searched_within_budget():
     b = res.best
     assert b.selection == "bipartite" and b.k == 3 and b.extras["front"] == 1.0 and b.stages
     b.validate_depth(12)
-    assert b == merge_family_config(0.35, 12, first=b.stages[0][0], front=1.0, k=3, merge=b.merge)
+    assert b == merge_family_config(0.35, 12, first=b.stages[0][0], front=1.0, k=3, merge=b.merge,
+                                    placement=b.placement, every=b.extras["every"])
     assert any(c.config.extras.get("front") == 1.2 and not c.feasible for c in res.table)
     only = tune(fid, cost, retain=0.35, depth=12, families=("prune",))
     assert only.best.selection != "bipartite"
@@ -100,3 +101,32 @@ def test_reference_measured_over_budget_does_not_stop_the_search():
 
     res = tune(fid, cost, retain=0.35, depth=12, families=("prune",))
     assert res.best.selection == "random"
+
+
+def test_merge_family_fits_the_schedule_to_the_budget():
+    """The merge family's front is fitted to the budget at every structural point: with a budget
+    that rules out every front above 0.8 for stages at every block (cost rises with front and with
+    the number of stages), the search returns the most back-loaded schedule that fits, and with a
+    larger budget (max_cost) a more back-loaded one; every returned config is within budget."""
+    from ipcv_core.search import MERGE_SPACE, merge_family_config
+
+    def fid(cfg):
+        if cfg.selection != "bipartite":
+            return 0.5
+        return 0.9 + 0.01 * cfg.extras["front"] - 0.001 * cfg.extras["every"] + (0.005 if cfg.post_attention else 0.0)
+
+    def cost(cfg):
+        if cfg.selection != "bipartite":
+            return 1.0
+        return 0.6 + 0.4 * cfg.extras["front"] * (1.0 + 0.1 * len(cfg.stages) / 11)
+
+    res = tune(fid, cost, retain=0.35, depth=12, families=("merge",))
+    b = res.best
+    assert cost(b) <= 1.0 and b.post_attention
+    assert b.extras["front"] == max(f for f in (0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5)
+                                    if cost(merge_family_config(0.35, 12, first=b.stages[0][0], front=f, k=b.k,
+                                                                merge=b.merge, placement=b.placement,
+                                                                every=b.extras["every"])) <= 1.0)
+    more = tune(fid, cost, retain=0.35, depth=12, families=("merge",), max_cost=1.2)
+    assert cost(more.best) <= 1.2 and more.best.extras["front"] > b.extras["front"]
+    assert all(c.cost <= 1.2 for c in more.table if c.feasible)

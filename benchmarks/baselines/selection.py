@@ -12,8 +12,8 @@ keeps the top ``K`` per segment).
 * Random per image — the selection rule ``"random_per_image"`` (registered in
   :mod:`ipcv_core.rules` on import): IPCV's own hashed random score (:func:`ipcv_core.variants.hash_of`
   of the token positions) with a seed per image derived from the image's own input (a CRC of its
-  row of the block stack's input), so every image gets its own random keep set and a row's set
-  does not depend on the other rows of its batch.  Eager only (it reads tensor bytes).
+  rows of the block stack's input: per batch row, and per image / frame of a packed row), so every
+  image gets its own random keep set and no image's set depends on the other images of its call.  Eager only (it reads tensor bytes).
 """
 
 from __future__ import annotations
@@ -77,7 +77,17 @@ def row_seeds(h: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _random_per_image(s: ScoreInputs) -> torch.Tensor:
-    return hash_of(s.positions, row_seeds(s.x0, s.seed))
+    """Per segment (image / frame of a packed row, or the whole row): the seed is a CRC of the
+    segment's own original rows (the block stack's input at the current rows' positions, which
+    depend on that image only), so no image's keep set depends on another image in the call."""
+    within = s.positions if s.segment_positions is None else s.segment_positions
+    out = torch.empty(s.positions.shape, dtype=torch.float32, device=s.positions.device)
+    for seg in s.plan.segments:
+        rows = slice(int(seg.start), int(seg.start) + int(seg.length))
+        pos = s.positions[:, rows]
+        x = torch.gather(s.x0, 1, pos.unsqueeze(-1).expand(-1, -1, s.x0.shape[-1]))
+        out[:, rows] = hash_of(within[:, rows], row_seeds(x, s.seed))
+    return out
 
 
 RANDOM_PER_IMAGE = register_selection(SelectionRule(

@@ -1,8 +1,8 @@
 """``ipcv`` command line: export / inspect / check IPCV-rewritten vision towers.
 
     ipcv export MODEL --retain 0.35 --format onnx|trt|pt2 --out PATH [--image-size 448] [--batch 2]
-                                                                    [--grid 1,16,16 ...] [--no-verify]
-    ipcv inspect MODEL --retain 0.35        # adapter, IPCV config, per-block rows of the rewrite
+                      [--config tuned.json] [--grid 1,16,16 ...] [--no-verify]
+    ipcv inspect MODEL --retain 0.35        # adapter, IPCV config, per-block rows for the example
     ipcv trt-check MODEL --retain 0.35      # will torch-tensorrt convert it? (no GPU needed)
     ipcv demo [demo args]                   # = python -m ipcv_adapters.app.demo
 
@@ -11,22 +11,24 @@ weights from a small config, 4 blocks, for trying things out), or a local folder
 Qwen2-VL, InternVL (HF-native ``*-hf``), DINOv2, SigLIP or CLIP checkpoint (its vision tower is used).
 
 What is exported: the whole vision tower with IPCV inside (patch embedding -> rewritten blocks ->
-final norm / merger), returning ``(last_hidden_state[, pooler_output])``.  Batched towers (DINOv2,
-InternVL tiles, SigLIP, CLIP) keep a dynamic batch and, exported at a size other than the
-checkpoint's native one, a dynamic image size (the sidecar's ``dynamic_dims`` says what stayed
-dynamic).  Qwen2-VL packs images into one sequence whose
-per-image keep counts are baked into the graph: the file is for one ``--grid`` layout (its rotary
-tables and block-diagonal mask are constants in the file); export one file per layout.
+final norm / merger), returning ``(last_hidden_state[, pooler_output])`` (the ONNX outputs carry
+these names).  Batched towers (DINOv2, InternVL tiles, SigLIP, CLIP) keep a dynamic batch, and a
+dynamic image size when the tower interpolates its position table (DINOv2, InternVL; SigLIP / CLIP
+files are for their native size; grid-aware ``--config`` variants for the example's size).  Qwen2-VL
+packs images into one sequence whose per-image keep counts are baked into the graph: the file is for
+one ``--grid`` layout, recorded in the file; ``ipcv_compile.backends.artifacts.load_artifact`` refuses another.
 
-A JSON sidecar ``PATH.json`` records the model, IPCV config, inputs, dynamic dims and outputs.
-Exit codes: 0 ok, 2 usage error (unknown model / format / bad option), 3 backend unavailable
-(e.g. torch-tensorrt missing), 4 export / verification failed.
+A JSON sidecar ``PATH.json`` records the model, IPCV config, inputs, dynamic dims (by name:
+batch / height / width), the fixed layout and outputs.
+Exit codes: 0 ok, 2 usage error (unknown model / format / bad option or IPCV config), 3 backend
+unavailable (e.g. torch-tensorrt missing), 4 export / verification failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -76,16 +78,23 @@ def load_tower(model: str):
 
 
 def ipcv_config(args, kind: str):
+    """The IPCV config of the command: ``--config`` (a JSON file from ``ipcv tune``) or the defaults
+    (tiny models: ``l_p=1, Δ=2, k=4``), with the options given on the command line on top."""
     from ipcv_core import IPCVConfig
 
-    if kind == "tiny":
+    if getattr(args, "config", None):
+        try:
+            base = IPCVConfig.from_json(args.config)
+        except (OSError, ValueError, TypeError) as e:
+            raise CLIError(f"--config {args.config}: {e}")
+    elif kind == "tiny":
         from ipcv_adapters.testing import TINY_IPCV
 
         base = TINY_IPCV
     else:
         base = IPCVConfig()
-    changes = {"retain": args.retain}
-    for opt, fld in (("prune_layer", "prune_layer"), ("as_depth", "as_depth"), ("k", "k")):
+    changes = {}
+    for opt, fld in (("retain", "retain"), ("prune_layer", "prune_layer"), ("as_depth", "as_depth"), ("k", "k")):
         v = getattr(args, opt, None)
         if v is not None:
             changes[fld] = v
@@ -93,6 +102,17 @@ def ipcv_config(args, kind: str):
         return base.replace(**changes)
     except Exception as e:
         raise CLIError(f"invalid IPCV option: {e}")
+
+
+def rewrite_tower(tower, cfg):
+    """``ipcv_compile.rewrite`` with a config that does not fit the tower (e.g. ``--prune-layer`` past
+    its depth) as a usage error (exit code 2)."""
+    import ipcv_compile
+
+    try:
+        return ipcv_compile.rewrite(tower, cfg)
+    except ValueError as e:
+        raise CLIError(f"invalid IPCV config for {type(tower).__name__}: {e}")
 
 
 def _parse_grid(s: str) -> List[int]:
@@ -126,17 +146,39 @@ def example_inputs(tower, rt, args, kind: str):
         mod = TowerForExport(rt, (x,), {"grid_thw": thw})
         return mod, x, {"pixel_values": [n, dim], "grid_thw (baked in)": grids}
     cfg = tower.config
-    size = args.image_size or (70 if kind == "tiny" else _first(getattr(cfg, "image_size", 224)))
+    native = _first(getattr(cfg, "image_size", 224))
+    size = args.image_size or native
     patch = _first(getattr(cfg, "patch_size", 14))
     if size % patch:
         raise CLIError(f"--image-size {size} must be a multiple of the patch size {patch}")
     x = torch.randn(args.batch, int(getattr(cfg, "num_channels", 3)), size, size, generator=gen)
-    return TowerForExport(rt), x, {"pixel_values": list(x.shape)}
+    fixed = {}
+    if size != native and "interpolate_pos_encoding" in inspect.signature(rt.adapter.prepare).parameters:
+        fixed["interpolate_pos_encoding"] = True  # SigLIP / CLIP: other sizes only by interpolation
+    try:
+        mod = TowerForExport(rt, (x,), fixed)
+        with torch.no_grad():
+            mod(x)
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(f"{type(tower).__name__} cannot run a {size} px image: {e}")
+    return mod, x, {"pixel_values": list(x.shape), **({"fixed": fixed} if fixed else {})}
 
 
 def _first(v) -> int:
     """``14`` or ``(14, 14)`` -> 14 (configs give sizes either way)."""
     return int(v[0] if isinstance(v, (tuple, list)) else v)
+
+
+def _other_input(x, module, tower):
+    """Another input the file claims to serve: batch 1 (the batch is always dynamic), and one patch
+    more in height when the image size is dynamic."""
+    import torch
+
+    b = x[:1]
+    if module.sizes_dynamic:
+        p = _first(getattr(tower.config, "patch_size", 14))
+        b = torch.cat([b, b[:, :, :p]], dim=2)
+    return b.clone()
 
 
 def _rel_err(a, b) -> float:
@@ -157,7 +199,8 @@ def cmd_export(args) -> int:
     cfg = ipcv_config(args, kind)
     prog.done(type(tower).__name__)
     prog.start(f"capturing and rewriting (retain={cfg.retain}, l_p={cfg.prune_layer}, Δ={cfg.as_depth}, k={cfg.k})")
-    rt = ipcv_compile.rewrite(tower, cfg)
+    rt = rewrite_tower(tower, cfg)
+    cfg = rt.ipcv_config  # resolved for the tower (its default l_p / Δ)
     module, x, inputs = example_inputs(tower, rt, args, kind)
     with torch.no_grad():
         ref = module(x)
@@ -187,37 +230,55 @@ def cmd_export(args) -> int:
             raise CLIError(str(e), code=4)
         prog.done(f"dynamic dims: {lowered.dynamic_dims or 'none'}")
     err = None
+    checked = []
     if not args.no_verify:
         prog.start("reloading the artifact and comparing with the eager rewritten tower")
-        if backend == "pt2":
-            from ipcv_compile.backends.pt2 import load_pt2
+        fixed = {k: v for k, v in module.fixed_kwargs.items() if k == "grid_thw"}
+        if backend in ("pt2", "onnx"):
+            from ipcv_compile.backends.artifacts import load_artifact
 
-            runner = load_pt2(out)
-        elif backend == "onnx":
-            from ipcv_compile.backends.onnx import OnnxRuntimeModule
-
-            runner = OnnxRuntimeModule(out)
+            runner = load_artifact(out)
         else:
             runner = lowered
-        with torch.no_grad():
-            got = runner(x)
-        got = got if isinstance(got, (tuple, list)) else (got,)
-        err = max(_rel_err(g.cpu(), r) for g, r in zip(got, ref))
-        prog.done(f"max relative error {err:.2e}")
+        # the example, and where the file claims a dynamic batch / image size, another one
+        cases = [x]
+        if not module.packed:
+            cases.append(_other_input(x, module, tower))
+        err = 0.0
+        for xi in cases:
+            with torch.no_grad():
+                want = module(xi)
+                try:
+                    got = runner(xi, **fixed) if backend in ("pt2", "onnx") else runner(xi)
+                except Exception as e:
+                    print(f"ipcv export: verification FAILED: the artifact does not run on pixel_values of shape "
+                          f"{list(xi.shape)} it declares it serves: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                          file=sys.stderr)
+                    return 4
+            got = got if isinstance(got, (tuple, list)) else (got,)
+            err = max(err, max(_rel_err(g.cpu(), r) for g, r in zip(got, want)))
+            checked.append(list(xi.shape))
+        prog.done(f"max relative error {err:.2e} on pixel_values {checked}")
         if err > VERIFY_TOL:
             print(f"ipcv export: verification FAILED: relative error {err:.2e} > {VERIFY_TOL}", file=sys.stderr)
             return 4
+    meta = module.ipcv_metadata()
+    call = "m(pixel_values, grid_thw=grid_thw)" if module.packed else "m(pixel_values)"
     side = {
         "ipcv_export": {
             "model": args.model, "tower": type(tower).__name__, "adapter": rt.adapter.name, "format": args.format,
-            "artifact": out, "ipcv_config": cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg),
+            "artifact": out, "ipcv_config": cfg.to_dict(),
             "example_inputs": inputs, "dynamic_dims": lowered.dynamic_dims,
+            "fixed_inputs": meta.get("fixed_inputs", {}), "layout": meta.get("layout"),
+            "image_size": meta.get("image_size"),
             "outputs": ["last_hidden_state"] + (["pooler_output"] if len(ref) > 1 else []),
-            "output_shapes": [list(r.shape) for r in ref], "verify_max_rel_error": err,
+            "output_shapes": [list(r.shape) for r in ref], "verify_max_rel_error": err, "verified_on": checked,
             "torch": torch.__version__, "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": platform.platform(),
-            "reload": {"pt2": "torch.export.load(path).module()(pixel_values)",
-                       "onnx": "onnxruntime.InferenceSession(path).run(None, {'pixel_values': x})",
+            "reload": {"pt2": f"m = ipcv_compile.backends.artifacts.load_artifact(path); {call}  (checks the fixed inputs; "
+                              "plain: torch.export.load(path).module()(pixel_values))",
+                       "onnx": f"m = ipcv_compile.backends.artifacts.load_artifact(path); {call}  (checks the fixed inputs; a bare "
+                               "onnxruntime.InferenceSession(path).run(None, {'pixel_values': x}) cannot)",
                        "trt": "import torch_tensorrt; torch.export.load(path).module()(pixel_values.cuda())"}[args.format],
         }
     }
@@ -230,10 +291,8 @@ def cmd_export(args) -> int:
 def _rewritten_example(args):
     """(tower, rewritten tower, exportable whole-tower module, example input) for MODEL and the
     IPCV options of ``args``."""
-    import ipcv_compile
-
     tower, kind = load_tower(args.model)
-    rt = ipcv_compile.rewrite(tower, ipcv_config(args, kind))
+    rt = rewrite_tower(tower, ipcv_config(args, kind))
     module, x, _ = example_inputs(tower, rt, args, kind)
     return tower, rt, module, x
 
@@ -242,12 +301,9 @@ def cmd_inspect(args) -> int:
     import torch
 
     tower, rt, module, x = _rewritten_example(args)
-    layout = module._template.layout if module.packed else None
-    if layout is None:
-        with torch.no_grad():
-            layout = rt.adapter.prepare(x).layout
-    print(f"model: {args.model} ({type(tower).__name__})")
-    print(rt.summary(layout))
+    print(f"model: {args.model} ({type(tower).__name__}); example pixel_values {list(x.shape)}")
+    with torch.no_grad():
+        print(rt.summary(example=((x,), dict(module.fixed_kwargs))))
     return 0
 
 
@@ -315,7 +371,8 @@ def cmd_tune(rest: Sequence[str]) -> int:
     print(f"\nbest: {short_description(res.best)}\nreference (paper): {short_description(res.reference)}\n"
           f"({res.seconds:.0f} s)")
     res.best.to_json(args.out)
-    print(f"wrote {args.out}  (use: ipcv_compile.rewrite(tower, IPCVConfig.from_json({args.out!r})))")
+    print(f"wrote {args.out}  (use: ipcv_compile.rewrite(tower, IPCVConfig.from_json({args.out!r})), or "
+          f"ipcv export MODEL --config {args.out} ...)")
     return 0
 
 
@@ -328,12 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("model", metavar="MODEL", help=f"{allowed_models()}")
-        p.add_argument("--retain", type=float, default=0.35, help="fraction of tokens kept per image / frame / tile (default 0.35)")
+        p.add_argument("--retain", type=float, default=None,
+                       help="fraction of tokens kept per image / frame / tile (default 0.35, or --config's)")
+        p.add_argument("--config", default=None, metavar="JSON",
+                       help="IPCV config file (e.g. from ipcv tune); options given here override its fields")
         p.add_argument("--prune-layer", dest="prune_layer", type=int, default=None, help="l_p (default: paper's 3; tiny models 1)")
         p.add_argument("--as-depth", dest="as_depth", type=int, default=None, help="Δ, attention-stabilisation blocks (default 7; tiny 2)")
         p.add_argument("--k", type=int, default=None, help="NGR neighbours (default 10; tiny 4)")
         p.add_argument("--image-size", dest="image_size", type=int, default=None,
-                       help="example image size in pixels for batched towers (default: tiny 70, else the config's)")
+                       help="example image size in pixels for batched towers (default: the model's native size)")
         p.add_argument("--batch", type=int, default=2, help="example batch for batched towers (default 2: keeps the batch dynamic)")
         p.add_argument("--grid", type=_parse_grid, action="append", default=None, metavar="T,H,W",
                        help="Qwen2-VL: one image / video grid in patches (repeatable); the export is for this layout")
@@ -373,7 +433,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.cmd:
         ap.print_help()
         return 2
-    if not (0.0 < args.retain <= 1.0):
+    if args.retain is not None and not (0.0 < args.retain <= 1.0):
         ap.error(f"--retain must be in (0, 1], got {args.retain}")
     try:
         return int(args.func(args) or 0)

@@ -113,7 +113,8 @@ def compress(model: nn.Module, vit_retain: Optional[float] = 0.35, llm: Optional
     Args:
         vit_retain: IPCV's retain ratio in the vision tower; ``None`` or ``1.0`` leave the tower as it is.
             The tower becomes ``ipcv_compile.rewrite(tower, vit_config.replace(retain=vit_retain))``, with
-            ``vit_config`` defaulting to ``IPCVConfig()`` (the paper's ``l_p=3, Δ=7, k=10``).  IPCV
+            ``vit_config`` defaulting to ``IPCVConfig()`` (the tower's defaults — the paper's ``l_p=3, Δ=7,
+            k=10`` for the Qwen family — clipped to its depth).  IPCV
             restores the full token sequence, so the LLM sees as many image tokens as without it.
         llm: ``"dart"``, ``"fastv"`` or ``None`` (no LLM-side pruning).
         llm_retain: per image span / video frame of ``n`` visual tokens, ``ceil(r·n)`` stay from decoder

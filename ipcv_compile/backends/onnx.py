@@ -8,13 +8,17 @@ example (e.g. an absent mask) are not graph inputs: the wrapper drops them at ca
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, List, Optional, Sequence
 
 import torch
 
-from ..lower import Lowered, LoweringError, default_artifact_path, dynamic_dims, export_program
+from ..lower import (Lowered, LoweringError, check_fixed_inputs, default_artifact_path, dynamic_dims, export_program,
+                     graph_of, module_metadata, symbol_names)
+
+METADATA_KEY = "ipcv"  # metadata_props key of the exporting module's JSON metadata (module_metadata)
 
 _EXTERNAL_DATA_BYTES = 1_800_000_000  # ONNX protobuf limit is 2 GB: larger models keep weights beside
 
@@ -30,6 +34,11 @@ class OnnxRuntimeModule:
             in order).
         providers: onnxruntime execution providers (default ``["CPUExecutionProvider"]``).
         threads: intra-op threads (default: onnxruntime's choice).
+
+    The file's ``ipcv`` metadata (written by :func:`lower_onnx` from the module's ``ipcv_metadata()``)
+    is in :attr:`metadata`; keyword arguments of a call are checked against its ``fixed_inputs``
+    (e.g. a packed layout's ``grid_thw``: ``m(pixel_values, grid_thw=thw)``), see
+    :func:`ipcv_compile.lower.check_fixed_inputs`.
     """
 
     def __init__(self, path: str, input_positions: Optional[Sequence[int]] = None, out_spec=None,
@@ -47,6 +56,8 @@ class OnnxRuntimeModule:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_positions = None if input_positions is None else list(input_positions)
         self.out_spec = out_spec
+        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        self.metadata = json.loads(raw) if raw else {}
 
     def _feed(self, args):
         if self.input_positions is None:
@@ -63,16 +74,44 @@ class OnnxRuntimeModule:
             feed[name] = t.detach().cpu().contiguous().numpy()
         return feed
 
-    def __call__(self, *args):
+    def __call__(self, *args, **fixed):
+        check_fixed_inputs(self.metadata, fixed, os.path.basename(self.path))
         outs = [torch.from_numpy(o) for o in self.session.run(None, self._feed(args))]
         if self.out_spec is not None:
             import torch.utils._pytree as pytree
 
             return pytree.tree_unflatten(outs, self.out_spec)
+        if self.metadata.get("outputs"):  # the exporting module returned a tuple of these
+            return tuple(outs)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def __repr__(self) -> str:
         return f"OnnxRuntimeModule({self.path!r}, inputs={self.input_names}, outputs={self.output_names})"
+
+
+def rename_dims(model, names) -> None:
+    """Give the ONNX model's symbolic dims human names (``s77`` -> ``batch``) wherever a value's
+    dim is exactly one renamed symbol (expressions of several keep the export's symbols)."""
+    if not names:
+        return
+    import onnx_ir as ir
+
+    def fix(v):
+        shape = getattr(v, "shape", None)
+        if shape is None:
+            return
+        dims = list(shape)
+        new = [ir.SymbolicDim(names[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in names else d
+               for d in dims]
+        if new != dims:
+            v.shape = ir.Shape(new)
+
+    g = model.graph
+    for v in list(g.inputs) + list(g.outputs):
+        fix(v)
+    for node in g:
+        for v in node.outputs:
+            fix(v)
 
 
 _KEEPDIM_REDUCTIONS = {
@@ -133,11 +172,26 @@ def lower_onnx(module, example_inputs, *, example_kwargs=None, path=None, dynami
     t_export = time.perf_counter() - t0
     n_fixed = fix_empty_reductions(ep)
     t0 = time.perf_counter()
+    m = graph_of(module)
+    n_out = len(ep.graph_signature.user_outputs)
+    names_fn = getattr(m, "ipcv_output_names", None)
+    output_names = list(names_fn(n_out)) if callable(names_fn) else None
+    input_names = list(getattr(m, "ipcv_input_names", ()) or ()) or None
+    if input_names is not None and len(input_names) != len(ep.graph_signature.user_inputs):
+        input_names = None
     try:
-        prog = torch.onnx.export(ep, tuple(example_inputs), dynamo=True, optimize=optimize, opset_version=opset)
+        prog = torch.onnx.export(ep, tuple(example_inputs), dynamo=True, optimize=optimize, opset_version=opset,
+                                 output_names=output_names, input_names=input_names)
     except Exception as e:
         raise LoweringError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
     t_onnx = time.perf_counter() - t0
+    dim_names = getattr(m, "ipcv_dim_names", None)
+    rename_dims(prog.model, symbol_names(ep, dim_names))
+    meta = module_metadata(module)
+    if meta and output_names:
+        meta.setdefault("outputs", output_names)  # the loader then returns the module's tuple
+    if meta:
+        prog.model.metadata_props[METADATA_KEY] = json.dumps(meta, sort_keys=True)
     path = path or default_artifact_path("onnx", ".onnx")
     n_bytes = sum(v.numel() * v.element_size() for v in ep.state_dict.values())
     prog.save(path, external_data=n_bytes > _EXTERNAL_DATA_BYTES)
@@ -146,6 +200,6 @@ def lower_onnx(module, example_inputs, *, example_kwargs=None, path=None, dynami
     if len(rt.input_names) != len(positions):
         raise LoweringError(f"exported ONNX graph has inputs {rt.input_names} but the example has {len(positions)} "
                             "tensor inputs (an unused input was dropped?)")
-    return Lowered("onnx", rt, artifact=path, dynamic_dims=dynamic_dims(ep),
+    return Lowered("onnx", rt, artifact=path, dynamic_dims=dynamic_dims(ep, dim_names),
                    info={"export_s": t_export, "onnx_s": t_onnx, "inputs": rt.input_names,
                          "empty_reductions_fixed": n_fixed})

@@ -15,6 +15,10 @@ rows, the stages so far, the side inputs gathered to the current rows) and small
   block's key path copied onto the incoming rows + ``ipcv.key_metric``; then
   :func:`gather_side_inputs` gathers every per-token side input (rotary cos/sin, masks) that the
   stage's kept-row blocks use, once, to the kept rows (``ipcv.gather_tokens``);
+* :func:`insert_post_attention_stage` (``placement="post_attention"``, instead of
+  :func:`insert_stage`) — the stage sits between the block's attention residual add and its FFN
+  (:func:`attention_residual`): ``ipcv.prune`` reads the rows after the residual add and the SDPA's
+  own key input (``ipcv.key_metric``, no key path copied), the FFN runs on the kept rows;
 * :func:`feed_residual` — the block's residual stream becomes the current rows;
 * :func:`narrow_attention` (AS blocks ``[l_p, l_p+Δ)``) — ``ipcv.reconstruct`` (NGR + restore)
   builds the full sequence, which feeds a copy of the path from the block input to the attention
@@ -29,7 +33,9 @@ rows, the stages so far, the side inputs gathered to the current rows) and small
   reshape in a rewritten block whose shape has exactly one element derived from the token count
   gets ``-1`` there instead, so it follows whatever row count reaches it;
 * :func:`reintegrate` — after the last block, ``ipcv.reconstruct`` restores the full length and
-  order for the consumers of the block stack's output (final norm, merger, ...).
+  order for the consumers of the block stack's output (final norm, merger, ...); the same after
+  every *tap* (an intermediate block output the stack returns — deepstack features, a feature
+  layer: one reconstruct per tap, through the stages up to that block).
 
 Then dead-code elimination, ``graph.lint()``, ``recompile()``.  ``node.meta["val"]`` keeps the
 captured shapes until ``IPCVModule.refresh_meta()`` (symbolic fake-tensor propagation, seconds on
@@ -101,6 +107,25 @@ class Cursor:
 
     def cores_of(self, blk: BlockInfo) -> List[fx.Node]:
         return self.cores.setdefault(blk.index, list(blk.attn_cores))
+
+    def windowed(self, blk: BlockInfo) -> bool:
+        spec = self.gmap.spec
+        return self.layout.windows is not None and spec is not None and blk.index in spec.windowed_blocks
+
+    def window_groups(self, rows: Optional[fx.Node]) -> fx.Node:
+        """The attention window of each row (``rows``: the rows' original positions; None = all rows
+        in order): a constant of the layout, gathered to the rows."""
+        if getattr(self, "_wid", None) is None:
+            gm = self.g.owning_module
+            gm.register_buffer("ipcv_window_ids", self.layout.window_ids(self.gmap.hidden.meta["val"].device),
+                               persistent=False)
+            first = next(n for n in self.g.nodes if n.op != "placeholder")
+            with self.g.inserting_before(first):
+                self._wid = self.g.get_attr("ipcv_window_ids")
+        if rows is None:
+            return self._wid
+        with self.g.inserting_before(rows.next):
+            return self.call(ipcv_ops.gather_tokens, (self._wid, rows), dict(dims=[0], batch="none"))
 
     def block_nodes(self, blk: BlockInfo) -> List[fx.Node]:
         """The block's own nodes and the ones the rewrite copied into it."""
@@ -223,6 +248,61 @@ def insert_stage(cur: Cursor, blk: BlockInfo, stage: int) -> None:
     cur.copies.setdefault(blk.index, []).extend(copies)
 
 
+def attention_residual(cur: Cursor, blk: BlockInfo) -> fx.Node:
+    """The block's residual stream after its attention (``h = x + A(x)``, what its FFN reads): the
+    one residual add that depends on the attention output and that the FFN input depends on, with
+    the block input reaching the rest of the block only through it (``out = h + F(h)``)."""
+    within = set(cur.block_nodes(blk)) | set(cur.cores_of(blk))  # incl. cores split_attention replaced
+    to_ffn = _ancestors_within(blk.ffn_input, within)
+    mids = [a for a in blk.residual_adds if a in to_ffn and blk.attn_output in _ancestors_within(a, within)]
+    if len(mids) != 1:
+        raise RewriteError(f"block {blk.index}: a post-attention stage needs one residual add between the attention "
+                           f"and the FFN (h = x + A(x); out = h + F(h)), found {[a.name for a in mids]}")
+    mid = mids[0]
+    before = _ancestors_within(mid, within)
+    stray = [u.name for u in cur.rows.users if u in within and u not in before]
+    if stray:
+        raise RewriteError(f"block {blk.index}: the block input feeds {stray} besides the attention residual; a "
+                           "post-attention stage needs h = x + A(x); out = h + F(h)")
+    return mid
+
+
+def insert_post_attention_stage(cur: Cursor, blk: BlockInfo, stage: int) -> None:
+    """``placement="post_attention"``: one ``ipcv.prune`` between the block's attention residual add
+    and its FFN — it scores the rows ``h = x + A(x)`` (eq. 1 reads ``x``, the block input, as the
+    previous rows) and, for key-metric selections, matches on the SDPA's own key input
+    (``ipcv.key_metric``; no key projection is added); the FFN and the rest of the block, the later
+    blocks and the side inputs they read, follow the kept rows."""
+    gmap, cfg, g = cur.gmap, cur.config, cur.g
+    mid = attention_residual(cur, blk)
+    kwargs = dict(stage=stage, **ipcv_ops.layout_args(cur.layout, gmap.token_dim), **ipcv_ops.config_args(cfg))
+    multi = len(cfg.schedule) > 1
+    with g.inserting_before(mid.next):  # new nodes in order, right after the residual add
+        metric = None
+        if cfg.needs_key_metric:
+            metric = cur.call(ipcv_ops.key_metric, (cur.cores_of(blk)[0].args[1],), name=f"ipcv_keys{blk.index}")
+        node = cur.call(ipcv_ops.prune, (mid, cur.rows, gmap.hidden, cur.positions, metric,
+                                         cur.log_size if cfg.merge_rule.tracks_sizes else None),
+                        kwargs, f"ipcv_prune{stage}" if multi else "ipcv_prune")
+        outs = {f: cur.getitem(node, i) for i, f in enumerate(PruneOutputs._fields)}
+    mid.replace_all_uses_with(outs["x_keep"], delete_user_cb=lambda u: u is not node)
+    cur.stages.append(outs)
+    cur.lengths = kept_lengths(cur.layout, cfg, stage, cur.n_tokens)
+    sched = cfg.schedule
+    nxt = sched[stage + 1][0] if stage + 1 < len(sched) else gmap.depth
+    last = outs[PruneOutputs._fields[-1]]
+    # the kept rows feed this block's FFN, the blocks up to the next stage and that stage's attention
+    gathered = gather_side_inputs(cur, gmap.blocks[blk.index:nxt + 1], outs["positions"], last, str(stage), {})
+    # the rest of this block (its FFN) reads the side inputs at the kept rows; later blocks via use_side_inputs
+    rest = descendants_within(outs["x_keep"], set(blk.nodes))
+    for n in rest:
+        for s_, s_k in gathered.items():
+            if s_ in n.all_input_nodes:
+                n.replace_input_with(s_, s_k)
+    cur.gathered = gathered
+    cur.rows = outs["x_keep"]
+
+
 def feed_residual(cur: Cursor, blk: BlockInfo) -> None:
     """The block reads the cursor's rows as its residual stream."""
     for n in blk.nodes:
@@ -291,7 +371,7 @@ def narrow_attention(cur: Cursor, blk: BlockInfo) -> None:
                     mv = mask.meta["val"]
                     mode = _batch_mode(mv, (mv.dim() - 2,), hidden_val, td)
                     _set_mask(core, cur.call(ipcv_ops.gather_tokens, (mask, pos), dict(dims=[mv.dim() - 2], batch=mode)))
-        split_attention(cur, blk, cur.lengths, full)
+        split_attention(cur, blk, cur.lengths, full, q_rows=cur.positions)
         return
     st = cur.stages[-1]
     with g.inserting_before(blk.nodes[0]):
@@ -306,7 +386,10 @@ def narrow_attention(cur: Cursor, blk: BlockInfo) -> None:
         m = _mask_of(core)
         if isinstance(m, fx.Node) and (m.meta["val"].dim() - 2) in _token_mask_dims(cur, m):
             mask_qdim[core] = m.meta["val"].dim() - 2
-    for n in list(blk.attn_nodes) + cur.copies.get(blk.index, []):
+    # (not the key-path copies a key-metric stage made before its prune: they read the incoming rows)
+    order = cur.order()
+    prune_at = order[st["x_keep"].args[0]]
+    for n in list(blk.attn_nodes) + [c for c in cur.copies.get(blk.index, []) if order[c] > prune_at]:
         for s_, s_k in cur.as_gathered.items():
             if s_ in n.all_input_nodes:
                 n.replace_input_with(s_, s_k)
@@ -328,9 +411,9 @@ def narrow_attention(cur: Cursor, blk: BlockInfo) -> None:
                     _set_mask(core, g.call_function(torch.ops.aten.slice.Tensor, (_mask_of(core), mask_qdim[core], 0, k_rows)))
             cur.report.query_gathers += 1
     else:
-        split_attention(cur, blk, cur.lengths, full, q_prefix=True, only=prefix)
-        split_attention(cur, blk, cur.lengths, full, q_prefix=False,
-                        only=[c for c in cur.cores_of(blk) if c not in prefix])
+        split_attention(cur, blk, cur.lengths, full, q_prefix=True, only=prefix, kv_rows=cur.as_rows)
+        split_attention(cur, blk, cur.lengths, full, q_prefix=False, only=[c for c in cur.cores_of(blk) if c not in prefix],
+                        q_rows=cur.positions, kv_rows=cur.as_rows)
 
 
 _MOVES = {
@@ -505,11 +588,23 @@ def concat_rows(cur: Cursor, kept: fx.Node, removed: fx.Node, dim: int, name: st
                     dict(a_lengths=list(kept_l), b_lengths=[n - k for n, k in zip(full, kept_l)], dim=dim), name)
 
 
-def split_attention(cur: Cursor, blk: BlockInfo, q_lengths, kv_lengths, q_prefix: bool = False, only=None) -> None:
+def split_attention(cur: Cursor, blk: BlockInfo, q_lengths, kv_lengths, q_prefix: bool = False, only=None,
+                    q_rows: Optional[fx.Node] = None, kv_rows: Optional[fx.Node] = None) -> None:
     """Packed rows: every SDPA of the block becomes ``ipcv.segment_attention`` over the static
     segment lengths — each image / frame attends to its own rows only, no mask spans two segments
-    (equal runs of segments are one batched SDPA).  One segment per row: nothing to do."""
-    if q_lengths is None or (len(q_lengths) == 1 and not q_prefix):
+    (equal runs of segments are one batched SDPA).  One segment per row: nothing to do.
+
+    Windowed blocks (``LocateSpec.windowed_blocks`` with ``SegmentLayout.windows``): rows in their
+    original order attend per window (the windows are the segments); rows after a prune stage
+    (``q_rows`` / ``kv_rows``: their original positions, None = all rows in order) attend per frame
+    among the rows of their own window (``q_groups`` / ``kv_groups``)."""
+    groups = None
+    if cur.windowed(blk):
+        if q_rows is None and kv_rows is None and not q_prefix:
+            q_lengths = kv_lengths = tuple(w for ws in cur.layout.windows for w in ws)
+        else:
+            groups = (None if q_prefix else cur.window_groups(q_rows), cur.window_groups(kv_rows))
+    if q_lengths is None or (len(q_lengths) == 1 and not q_prefix and groups is None):
         return
     new_cores = []
     for core in cur.cores_of(blk):
@@ -523,7 +618,7 @@ def split_attention(cur: Cursor, blk: BlockInfo, q_lengths, kv_lengths, q_prefix
         if kw.get("dropout_p", 0.0) or kw.get("is_causal", False):
             raise RewriteError(f"{core.name}: per-segment attention needs dropout_p=0 and is_causal=False")
         with cur.g.inserting_before(core):
-            seg = cur.call(ipcv_ops.segment_attention_op, (q, k, v, kw.get("attn_mask")),
+            seg = cur.call(ipcv_ops.segment_attention_op, (q, k, v, kw.get("attn_mask"), *(groups or (None, None))),
                            dict(q_lengths=list(q_lengths), kv_lengths=list(kv_lengths), q_prefix=q_prefix,
                                 scale=kw.get("scale"), enable_gqa=bool(kw.get("enable_gqa", False))))
         seg.meta = dict(core.meta)
@@ -602,12 +697,17 @@ def _check_no_token_size(n: fx.Node, sym) -> None:
         )
 
 
-def reintegrate(cur: Cursor) -> None:
-    """After the last block: the full length and original order for the stack's consumers."""
-    last = cur.gmap.blocks[-1].output
-    users = list(cur.gmap.final_users)
-    if cur.config.reintegrate and users:
-        full = reconstruct_all(cur, last, cur.g.inserting_after(last), "ipcv_reconstruct")
+def reintegrate(cur: Cursor, blk: Optional[BlockInfo] = None) -> None:
+    """The full length and original order for the consumers outside the block stack of the last
+    block's output — or of ``blk``'s, a tap (an intermediate block output the stack returns:
+    deepstack features, feature layers), restored through the stages so far."""
+    if not cur.config.reintegrate:
+        return
+    last = (blk or cur.gmap.blocks[-1]).output
+    users = list(cur.gmap.final_users if blk is None else cur.gmap.taps.get(blk.index, []))
+    if users:
+        name = "ipcv_reconstruct" if blk is None else f"ipcv_reconstruct_tap{blk.index}"
+        full = reconstruct_all(cur, last, cur.g.inserting_before(last.next), name)
         for u in users:
             u.replace_input_with(last, full)
 
@@ -694,12 +794,17 @@ def expected_rows(config: IPCVConfig, layout: SegmentLayout, depth: int, n_token
     """Per block, the rows its attention queries / keys and its FFN should see after the rewrite,
     for a batch row of ``n_tokens`` tokens (static layouts: their own count)."""
     stage_of = {} if keeps_all else {layer: i for i, (layer, _) in enumerate(config.schedule)}
+    post = config.post_attention
     rows, out = n_tokens, []
     for b in range(depth):
+        before = rows
         if b in stage_of:
             rows = stage_plan(layout, config, stage_of[b], n_tokens).n_keep
         as_block = config.prune_layer <= b < config.as_end and not keeps_all
-        out.append({"queries": rows, "keys": n_tokens if as_block else rows, "ffn": rows})
+        if post:  # the stage sits between the attention and the FFN
+            out.append({"queries": before, "keys": before, "ffn": rows})
+        else:
+            out.append({"queries": rows, "keys": n_tokens if as_block else rows, "ffn": rows})
     return out
 
 
@@ -714,7 +819,8 @@ class IPCVRewritePass(PassBase):
     def __init__(self, gmap: GraphMap, config: IPCVConfig, layout: SegmentLayout, *, refresh: bool = False,
                  check_rows: bool = True):
         self.gmap = gmap
-        self.config = config
+        self.config = config.resolve(gmap.depth)  # fields left None: the paper's defaults, clipped
+        config = self.config
         self.refresh = refresh
         self.check_rows = check_rows
         # the patch grid matters only to grid-aware variants; without them a batched layout keeps
@@ -728,7 +834,6 @@ class IPCVRewritePass(PassBase):
         gmap = self.gmap
         if gmap.hidden.graph is not gm.graph or any(b.output.graph is not gm.graph for b in gmap.blocks):
             raise RewriteError("the GraphMap was not located on this GraphModule (locate(gm, spec) first)")
-        self.config.validate_depth(gmap.depth)
         if gmap.token_symbol is None:
             raise RewriteError("the token dimension is static: capture with a dynamic token dimension")
         if self.config.needs_grid and self.layout.grids is None:
@@ -780,7 +885,7 @@ class IPCVRewritePass(PassBase):
         n_tokens = layout.static_tokens if layout.static_tokens is not None else \
             gmap.hidden.meta["val"].shape[gmap.token_dim]
         cur = self._cursor = Cursor(gm.graph, gmap, cfg, layout, self.report, rows=gmap.blocks[first].input,
-                                    prev_rows=gmap.blocks[first - 1].input, n_tokens=n_tokens,
+                                    prev_rows=gmap.blocks[max(first - 1, 0)].input, n_tokens=n_tokens,
                                     lengths=layout.lengths)
         if self.keeps_all:  # nothing is removed (retain 1.0): only attention within each segment
             for blk in gmap.blocks:
@@ -788,8 +893,9 @@ class IPCVRewritePass(PassBase):
             return self._finish(gm)
         for blk in gmap.blocks[:first]:
             split_attention(cur, blk, layout.lengths, layout.lengths)
+        post = cfg.post_attention
         for blk in gmap.blocks[first:]:
-            if blk.index in stage_of:
+            if blk.index in stage_of and not post:
                 insert_stage(cur, blk, stage_of[blk.index])
             feed_residual(cur, blk)
             if cfg.prune_layer <= blk.index < cfg.as_end:
@@ -797,10 +903,14 @@ class IPCVRewritePass(PassBase):
                 use_side_inputs(cur, blk, exclude=blk.attn_nodes)
             else:
                 use_side_inputs(cur, blk)
-                if cfg.merge_rule.tracks_sizes:
+                if cfg.merge_rule.attention_bias and cur.stages:
                     size_bias(cur, blk)
-                split_attention(cur, blk, cur.lengths, cur.lengths)
+                split_attention(cur, blk, cur.lengths, cur.lengths, q_rows=cur.positions, kv_rows=cur.positions)
+                if blk.index in stage_of and post:
+                    insert_post_attention_stage(cur, blk, stage_of[blk.index])
             follow_token_count(cur, blk)
+            if blk.index in gmap.taps:
+                reintegrate(cur, blk)
             cur.prev_rows, cur.rows = cur.rows, blk.output
         reintegrate(cur)
         return self._finish(gm)
