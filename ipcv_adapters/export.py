@@ -171,9 +171,11 @@ class TowerForExport(nn.Module):
         return True
 
     def _check_example_prunes(self, example) -> None:
-        """A dynamic-size export traced on an example from which a stage removes nothing (one patch,
-        or a retain that keeps every token of that size) specialises the file to the sizes where
-        that holds (torch.export guards on the empty removed set): refuse it, naming a fix."""
+        """A dynamic-size export specialises the file to the removed-row counts of its example where
+        they are 0 or 1 (torch.export guards on an empty / one-row removed set: a view splits
+        ``(B*R, D)`` into ``(B, R, D)`` differently when ``R == 1``), so the file would serve (almost)
+        only the example's size.  Refuse such an example, naming the fix; the shape conditions the
+        trace still records are written into ONNX files and checked by their loader."""
         from ipcv_core.prune import stage_plan
 
         cfg = self.tower.ipcv_config
@@ -183,11 +185,14 @@ class TowerForExport(nn.Module):
             prep = self.tower.adapter.prepare(*example, **self.fixed_kwargs)
         n = int(prep.hidden.shape[self.tower.adapter.spec.token_dim])
         for stage in range(len(cfg.schedule)):
-            if any(s.remove == 0 for s in stage_plan(prep.layout, cfg, stage, n).segments):
+            removed = min(int(s.remove) for s in stage_plan(prep.layout, cfg, stage, n).segments)
+            if removed < 2:
                 raise ValueError(
                     f"TowerForExport: the example ({list(example[0].shape)}) is so small that IPCV stage {stage} removes "
-                    "no token from it; an export traced on it would serve only sizes where that holds. Export with a "
-                    "larger example image (the file serves smaller ones too)")
+                    f"only {removed} token(s) from an image; an export traced on it would serve only sizes where that "
+                    "holds. Export with a larger example image, from which every stage removes at least 2 tokens per "
+                    "image (the file then serves the sizes where that holds too; the ONNX loader checks the shape "
+                    "conditions the trace recorded and refuses other sizes, naming the condition)")
 
     def ipcv_dynamic_shapes(self, args: Sequence[Any]):
         """``dynamic_shapes`` for ``torch.export`` (read by :func:`ipcv_compile.lower`): the batch of

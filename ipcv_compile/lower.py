@@ -181,14 +181,37 @@ def _export_through_impls(ep, args, kwargs, dynamic_shapes):
     """The program with every ``ipcv.*`` node replaced by the Python function it runs, exported
     again.  ``run_decompositions`` cannot lift tensors an op's implementation builds from Python data
     (the patch-grid tables of the grid-aware variants: "Constant tensor lifted_tensor_0 is not in the
-    constants dictionary"); export's own tracing lifts them as constants."""
+    constants dictionary"); export's own tracing lifts them as constants.
+
+    The first program's own constants (e.g. a packed layout's position tables) come back from
+    ``ep.module()`` as plain attributes named ``lifted_tensor_N``; torch (2.13) names the newly lifted
+    ones ``lifted_tensor_N`` too without checking those, so two constants would share one name (one
+    value silently replaced, and ONNX decomposition fails: "lifted_tensor_1 is not a buffer").  They
+    are moved to names the generator cannot produce first."""
     from . import ops
 
     m = ep.module()
     impls = ops.decompositions()
+    named = {id(t) for t in m.parameters()} | {id(t) for t in m.buffers()}
+    moved: Dict[str, str] = {}
     for n in m.graph.nodes:
         if n.op == "call_function" and n.target in impls:
             n.target = impls[n.target]
+        if n.op != "get_attr":
+            continue
+        if n.target not in moved:
+            *path, leaf = n.target.split(".")
+            owner = m.get_submodule(".".join(path))
+            val = getattr(owner, leaf)
+            if not isinstance(val, torch.Tensor) or id(val) in named:
+                continue
+            new = f"ipcv_constant_{len(moved)}"
+            while hasattr(m, new):
+                new += "_"
+            setattr(m, new, val)
+            delattr(owner, leaf)
+            moved[n.target] = new
+        n.target = moved[n.target]
     m.recompile()
     return torch.export.export(m, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
 

@@ -491,15 +491,23 @@ def _onnx(case, rt, args, kw, r, fam):
                 try:
                     mod = TowerForExport(rt, (ex,), opts)
                 except ValueError as e:  # a stage keeps every token even there (retain ~1): refused, documented
-                    if "removes no token" not in str(e):
+                    if "token(s) from an image" not in str(e):
                         raise
-                    r.ties.append("onnx skipped: a stage removes no token at the largest example size")
+                    r.ties.append("onnx skipped: a stage removes < 2 tokens per image at the largest example size")
                     return
             fixed = {}
         with torch.no_grad():
             want = mod(x)
         lw = lower(mod, "onnx", (ex if not fam.packed else x,), path=os.path.join(d, "m.onnx"), dynamic=not fam.packed)
-        got = lw(x, **fixed)
+        try:
+            got = lw(x, **fixed)
+        except ValueError as e:  # exported at another size: the file's shape guards refuse this one (README)
+            if fam.packed or ex is x or "does not serve inputs of shape" not in str(e):
+                raise
+            r.ties.append("onnx checked at the 6 x 6 export size: the file's shape guards refuse the case's size")
+            with torch.no_grad():
+                want = mod(ex)
+            got = lw(ex, **fixed)
     err = _worst(got, want)
     r.measured["onnx"] = err
     if not err <= TOL_ONNX:

@@ -278,3 +278,31 @@ def test_gradual_bipartite_merge_onnx_and_inductor_two_sizes(tmp_path):
     lw = lower(rm, "onnx", _inputs(*SIZES[0], seed=0), path=str(tmp_path / "merge.onnx"))
     _check_two_sizes(rm, lw)
     _check_two_sizes(rm, lower(rm, "inductor", _inputs(*SIZES[0], seed=0)))
+
+
+def test_onnx_file_refuses_sizes_outside_its_shape_guards(tmp_path):
+    """A dynamic file exported where a stage removes one token (4 x 4 patches, retain 0.9: 15 of 16
+    kept) is traced under shape conditions on the removed count (a view of ``(B*R, D)`` as ``(B, R,
+    D)`` splits differently when ``R == 1``); at 2 x 2 patches that stage removes none and the
+    conditions fail.  ``ep.module()`` refuses such inputs; the ONNX file ran them into "invalid expand
+    shape" (or wrong numbers), so the guards travel in its metadata and the loader refuses them, naming
+    the condition — while the export size still matches the eager graph."""
+    torch.manual_seed(0)
+    m = SyntheticViT(VIT).eval()
+    gm = capture(m, _inputs(*SIZES[0], seed=0))
+    cfg = IPCVConfig(retain=0.7, stages=((1, 0.9),), prune_layer=2, as_depth=0, k=3,
+                     selection="bipartite", merge="average")
+    rm = rewrite_graph(gm, cfg, SPEC, LAYOUT)
+    ex = _inputs((4, 4), 2, seed=0)
+    lw = lower(rm, "onnx", ex, path=str(tmp_path / "guards.onnx"))
+    assert lw.info["shape_guards"] > 0 and lw.module.metadata["shape_guards"]
+    args = _inputs((4, 4), 2, seed=3)
+    with torch.no_grad():
+        assert rel(lw(*args), rm(*args)) <= TOL
+    small = _inputs((2, 2), 2, seed=4)
+    with pytest.raises(ValueError, match="does not serve inputs of shape"):
+        lw(*small)
+    from ipcv_compile.backends.artifacts import load_artifact
+
+    with pytest.raises(ValueError, match="does not serve inputs of shape"):
+        load_artifact(str(tmp_path / "guards.onnx"))(*small)

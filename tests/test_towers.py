@@ -182,3 +182,20 @@ def test_onnx_export_of_one_layout(towers, name, tmp_path):
         assert _rel(g, r) <= 1e-4
     with pytest.raises(ValueError, match="exported for grid_thw"):
         lw(pv, grid_thw=torch.tensor([[1, 4, 8], [1, 8, 8]]))
+
+
+def test_onnx_export_of_qwen3vl_with_stratified_selection(tmp_path):
+    """Qwen3-VL's file holds its position-interpolation tables as constants, and the stratified
+    selection's patch-grid tables are lifted by a second export: the two sets must not share names
+    (torch names both ``lifted_tensor_N``; ONNX failed with "lifted_tensor_1 is not a buffer")."""
+    t = tiny_tower("qwen3_vl")
+    rt = ipcv_compile.rewrite(t, TINY_IPCV.replace(selection="stratified"))
+    pv, thw = qwen2vl_inputs([[1, 6, 6], [3, 4, 4]], seed=1, in_dim=patch_dim("qwen3_vl"))
+    mod = TowerForExport(rt, (pv,), {"grid_thw": thw})
+    with torch.no_grad():
+        ref = mod(pv)
+    lw = ipcv_compile.lower(mod, "onnx", (pv,), dynamic=False, path=str(tmp_path / "qwen3_vl_stratified.onnx"))
+    got = lw(pv, grid_thw=thw)
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert _rel(g, r) <= 1e-4

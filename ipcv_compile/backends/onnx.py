@@ -76,6 +76,7 @@ class OnnxRuntimeModule:
 
     def __call__(self, *args, **fixed):
         check_fixed_inputs(self.metadata, fixed, os.path.basename(self.path))
+        check_shape_guards(self.metadata.get("shape_guards") or (), args, os.path.basename(self.path))
         outs = [torch.from_numpy(o) for o in self.session.run(None, self._feed(args))]
         if self.out_spec is not None:
             import torch.utils._pytree as pytree
@@ -112,6 +113,62 @@ def rename_dims(model, names) -> None:
     for node in g:
         for v in node.outputs:
             fix(v)
+
+
+def _guard_namespace():
+    import math
+
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+    return {**SYMPY_INTERP, "math": math, "inf": float("inf"), "__builtins__": {}}
+
+
+def shape_guards(ep: "torch.export.ExportedProgram", module, example_inputs) -> List[str]:
+    """The program's shape guards as Python expressions over ``args[i]`` (the call's positional
+    inputs).  ``torch.export`` records, besides each dim's range, conditions the trace assumed
+    (e.g. that a prune stage removes exactly / at least as many rows as at the example: a view
+    splits ``(B*R, D)`` into ``(B, R, D)`` differently when ``R == 1``); ``ep.module()`` and a
+    loaded ``.pt2`` check them at every call, an ONNX file cannot, and runs the graph where they
+    fail into an onnxruntime error or wrong numbers.  They go into the file's metadata and
+    :class:`OnnxRuntimeModule` checks them (:func:`check_shape_guards`); a bare onnxruntime
+    session does not.  Guards that do not evaluate on the example (not of this form) are left out."""
+    import inspect
+
+    codes = list(getattr(ep, "_guards_code", None) or ())  # torch >= 2.9; private: absent -> none checked
+    if not codes:
+        return []
+    params = list(inspect.signature(graph_of(module).forward).parameters)
+    out = []
+    for c in codes:
+        for i, name in enumerate(params[:len(example_inputs)]):
+            c = c.replace(f"L['{name}']", f"args[{i}]")
+        if "L[" in c:
+            continue
+        try:
+            if eval(c, _guard_namespace(), {"args": tuple(example_inputs)}) is not True:  # noqa: S307 (our own export's code)
+                continue
+        except Exception:
+            continue
+        out.append(c)
+    return list(dict.fromkeys(out))  # the trace records many conditions more than once
+
+
+def check_shape_guards(guards: Sequence[str], args: Sequence[Any], where: str) -> None:
+    """Raise ``ValueError`` naming the first of the file's shape guards (:func:`shape_guards`)
+    these inputs fail."""
+    if not guards:
+        return
+    ns, loc = _guard_namespace(), {"args": tuple(args)}
+    for g in guards:
+        if not eval(g, ns, loc):  # noqa: S307
+            shapes = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            raise ValueError(
+                f"{where} does not serve inputs of shape {shapes}: the export traced the graph under the shape "
+                f"condition {g} (args = the call's inputs), which these fail. A dynamic file serves only the sizes "
+                "where every such condition holds as on the export example (for IPCV: typically that each prune "
+                "stage removes exactly as many tokens from a segment as at the example when that is 1, at least 2 "
+                "otherwise); export at this size, or with an example from which every stage removes at least 2 "
+                "tokens")
 
 
 _KEEPDIM_REDUCTIONS = {
@@ -190,6 +247,9 @@ def lower_onnx(module, example_inputs, *, example_kwargs=None, path=None, dynami
     meta = module_metadata(module)
     if meta and output_names:
         meta.setdefault("outputs", output_names)  # the loader then returns the module's tuple
+    guards = shape_guards(ep, module, example_inputs)
+    if guards:
+        meta = dict(meta or {}, shape_guards=guards)
     if meta:
         prog.model.metadata_props[METADATA_KEY] = json.dumps(meta, sort_keys=True)
     path = path or default_artifact_path("onnx", ".onnx")
@@ -202,4 +262,4 @@ def lower_onnx(module, example_inputs, *, example_kwargs=None, path=None, dynami
                             "tensor inputs (an unused input was dropped?)")
     return Lowered("onnx", rt, artifact=path, dynamic_dims=dynamic_dims(ep, dim_names),
                    info={"export_s": t_export, "onnx_s": t_onnx, "inputs": rt.input_names,
-                         "empty_reductions_fixed": n_fixed})
+                         "empty_reductions_fixed": n_fixed, "shape_guards": len(guards)})
