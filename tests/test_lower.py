@@ -306,3 +306,21 @@ def test_onnx_file_refuses_sizes_outside_its_shape_guards(tmp_path):
 
     with pytest.raises(ValueError, match="does not serve inputs of shape"):
         load_artifact(str(tmp_path / "guards.onnx"))(*small)
+
+
+def test_shape_guards_from_a_file_are_data_not_code(tmp_path):
+    """A file's metadata is data: a guard that is not plain arithmetic over the inputs is refused
+    with a clear error and never evaluated (loading a file cannot run its code)."""
+    from ipcv_compile.backends.onnx import _safe_guard, check_shape_guards
+
+    x = torch.zeros(2, 17, 16)
+    check_shape_guards(["(args[0].size()[1] // 2) != 1", "max(1, args[0].shape[0]) == 2"], (x,), "m.onnx")
+    with pytest.raises(ValueError, match=r"does not serve inputs of shape \[\[2, 17, 16\]\]"):
+        check_shape_guards(["args[0].size()[1] == 5"], (x,), "m.onnx")
+    marker = tmp_path / "ran"
+    for evil in (f"args[0].numpy().tofile({str(marker)!r})", "__import__('os').system('true')",
+                 "args[0].__class__", "(lambda: 1)()", "torch.load('x')", "9 ** 9 ** 9 > 0"):
+        assert not _safe_guard(evil)
+        with pytest.raises(ValueError, match="not a plain expression"):
+            check_shape_guards([evil], (x,), "m.onnx")
+    assert not marker.exists()

@@ -118,9 +118,7 @@ def rename_dims(model, names) -> None:
 def _guard_namespace():
     import math
 
-    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
-
-    return {**SYMPY_INTERP, "math": math, "inf": float("inf"), "__builtins__": {}}
+    return {"math": math, "inf": float("inf"), "max": max, "min": min, "abs": abs, "__builtins__": {}}
 
 
 def shape_guards(ep: "torch.export.ExportedProgram", module, example_inputs) -> List[str]:
@@ -131,7 +129,8 @@ def shape_guards(ep: "torch.export.ExportedProgram", module, example_inputs) -> 
     loaded ``.pt2`` check them at every call, an ONNX file cannot, and runs the graph where they
     fail into an onnxruntime error or wrong numbers.  They go into the file's metadata and
     :class:`OnnxRuntimeModule` checks them (:func:`check_shape_guards`); a bare onnxruntime
-    session does not.  Guards that do not evaluate on the example (not of this form) are left out."""
+    session does not.  Guards that are not plain arithmetic over the inputs (:func:`_safe_guard`) or
+    do not evaluate on the example are left out."""
     import inspect
 
     codes = list(getattr(ep, "_guards_code", None) or ())  # torch >= 2.9; private: absent -> none checked
@@ -144,6 +143,8 @@ def shape_guards(ep: "torch.export.ExportedProgram", module, example_inputs) -> 
             c = c.replace(f"L['{name}']", f"args[{i}]")
         if "L[" in c:
             continue
+        if not _safe_guard(c):  # only plain expressions over the inputs travel in the file
+            continue
         try:
             if eval(c, _guard_namespace(), {"args": tuple(example_inputs)}) is not True:  # noqa: S307 (our own export's code)
                 continue
@@ -153,14 +154,49 @@ def shape_guards(ep: "torch.export.ExportedProgram", module, example_inputs) -> 
     return list(dict.fromkeys(out))  # the trace records many conditions more than once
 
 
+_GUARD_NODES = ("Expression", "BoolOp", "And", "Or", "BinOp", "UnaryOp", "Compare", "Call", "Name", "Load",
+                "Attribute", "Subscript", "Constant", "Tuple", "List", "Slice", "Index", "Add", "Sub", "Mult", "Div",
+                "FloorDiv", "Mod", "USub", "UAdd", "Not", "Eq", "NotEq", "Lt", "LtE", "Gt", "GtE")
+
+
+_GUARD_NAMES = frozenset({"args", "math", "inf", "max", "min", "abs", "True", "False"})
+_GUARD_ATTRS = frozenset({"size", "shape", "floor", "ceil", "trunc"})  # no powers: a file cannot make the loader compute 9**9**9
+
+
+def _safe_guard(code: str, names=_GUARD_NAMES) -> bool:
+    """Is ``code`` a plain arithmetic / comparison expression over ``args`` and the sympy helpers
+    (what torch.export's guards are)?  A file's metadata is data: anything else (another name or
+    attribute, a lambda, a string) is never evaluated, so loading a file cannot run its code."""
+    import ast
+
+    try:
+        tree = ast.parse(code, mode="eval")
+    except SyntaxError:
+        return False
+    for node in ast.walk(tree):
+        kind = type(node).__name__
+        if kind not in _GUARD_NODES:
+            return False
+        if kind == "Name" and node.id not in names:
+            return False
+        if kind == "Attribute" and node.attr not in _GUARD_ATTRS:
+            return False
+        if kind == "Constant" and not isinstance(node.value, (int, float, bool)):
+            return False
+    return True
+
+
 def check_shape_guards(guards: Sequence[str], args: Sequence[Any], where: str) -> None:
     """Raise ``ValueError`` naming the first of the file's shape guards (:func:`shape_guards`)
-    these inputs fail."""
+    these inputs fail.  Guards that are not plain expressions over the inputs are refused, not run."""
     if not guards:
         return
     ns, loc = _guard_namespace(), {"args": tuple(args)}
     for g in guards:
-        if not eval(g, ns, loc):  # noqa: S307
+        if not isinstance(g, str) or not _safe_guard(g):
+            raise ValueError(f"{where}: its metadata holds a shape guard that is not a plain expression over the "
+                             f"inputs ({str(g)[:120]!r}); not evaluated - was the file written by ipcv_compile.lower?")
+        if not eval(g, ns, loc):  # noqa: S307 (checked by _safe_guard: arithmetic over args only)
             shapes = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
             raise ValueError(
                 f"{where} does not serve inputs of shape {shapes}: the export traced the graph under the shape "
