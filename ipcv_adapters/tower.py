@@ -300,11 +300,12 @@ class IPCVTower(nn.Module):
     def rows(self, *args, **kwargs) -> List[Dict[str, int]]:
         """Per block, the rows its attention queries / keys and its FFN see for this input (the
         tower's call signature; per batch row for batched towers)."""
+        return self._rows_for(self.adapter.prepare(*args, **kwargs))
+
+    def _rows_for(self, prep: Prepared) -> List[Dict[str, int]]:
         from ipcv_compile.passes.ipcv_rewrite import expected_rows
 
-        prep = self.adapter.prepare(*args, **kwargs)
-        h = prep.hidden
-        n = int(h.shape[self.adapter.spec.token_dim])
+        n = int(prep.hidden.shape[self.adapter.spec.token_dim])
         return expected_rows(self.ipcv_config, prep.layout, self.adapter.depth, n)
 
     def summary(self, layout: Optional[SegmentLayout] = None, example: Optional[Tuple[tuple, dict]] = None) -> str:
@@ -324,9 +325,11 @@ class IPCVTower(nn.Module):
             seg = "per batch row" if layout.lengths is None else f"segments {list(layout.lengths)}"
             lines.append(f"rows for this input ({n} tokens {seg}):")
             lines.append("block | mode              | queries | keys/values | FFN rows")
+            from ipcv_compile.api import block_mode
+
             cfg = self.ipcv_config
-            for b, r in enumerate(self.rows(*args, **kwargs)):
-                lines.append(f"{b:>5} | {_mode(cfg, b):<17} | {r['queries']:>7} | {r['keys']:>11} | {r['ffn']}")
+            for b, r in enumerate(self._rows_for(prep)):
+                lines.append(f"{b:>5} | {block_mode(cfg, b):<17} | {r['queries']:>7} | {r['keys']:>11} | {r['ffn']}")
             if cfg.reintegrate:
                 lines.append(f"after last block: reintegration (NGR + restore to {n} rows, original order)")
             return "\n".join(lines)
@@ -342,15 +345,3 @@ class IPCVTower(nn.Module):
         return (f"adapter={self.adapter.name}, retain={c.retain}, prune_layer={c.prune_layer}, "
                 f"as_depth={c.as_depth}, k={c.k}, cached_layouts={len(self._graphs)}")
 
-
-def _mode(cfg: IPCVConfig, b: int) -> str:
-    stages = {layer for layer, _ in cfg.schedule}
-    if b < min(stages):
-        return "vanilla"
-    if b in stages and cfg.prune_layer <= b < cfg.as_end:
-        return "prune + AS"
-    if cfg.prune_layer < b < cfg.as_end:
-        return "AS (kv: all rows)"
-    if b in stages:
-        return "prune, kept only"
-    return "kept rows only"

@@ -170,21 +170,29 @@ class IPCVModule(nn.Module):
             f"reshapes re-pointed to the kept count: {len(self.report.sizes_repointed)}; "
             f"pre-attention nodes copied for AS: {self.report.pre_attention_copies}; "
             f"side inputs gathered: {self.report.side_inputs or 'none'}",
-            "block | mode             | queries | keys/values | FFN rows",
+            "block | mode              | queries | keys/values | FFN rows",
         ]
         rows = self.rows_per_block()
         for b in range(self._depth):
-            if b < cfg.prune_layer:
-                mode = "vanilla"
-            elif b < cfg.as_end:
-                mode = "AS (kv: all rows)" if b > cfg.prune_layer else "prune + AS"
-            else:
-                mode = "kept rows only" if b > cfg.prune_layer or cfg.as_depth else "prune, kept only"
             r = rows.get(b, {})
-            lines.append(f"{b:>5} | {mode:<16} | {r.get('queries', '?'):>7} | {r.get('keys', '?'):>11} | {r.get('ffn', '?')}")
+            lines.append(f"{b:>5} | {block_mode(cfg, b):<17} | {r.get('queries', '?'):>7} | {r.get('keys', '?'):>11} | {r.get('ffn', '?')}")
         if cfg.reintegrate:
             lines.append("after last block: reintegration (NGR + restore to N rows, original order)")
         return "\n".join(lines)
+
+
+def block_mode(cfg: IPCVConfig, b: int) -> str:
+    """What the rewrite does in block ``b`` of a resolved ``cfg`` (the summaries' ``mode`` column)."""
+    stages = {layer for layer, _ in cfg.schedule}
+    if b < min(stages):
+        return "vanilla"
+    if b in stages and cfg.prune_layer <= b < cfg.as_end:
+        return "prune + AS"
+    if cfg.prune_layer < b < cfg.as_end:
+        return "AS (kv: all rows)"
+    if b in stages:
+        return "prune, kept only"
+    return "kept rows only"
 
 
 def rewrite(
