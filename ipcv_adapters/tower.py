@@ -170,22 +170,21 @@ class IPCVTower(nn.Module):
         taps = tuple(taps)
         for attempt in range(2):
             g = self.graph_for(layout, taps)
-            why = self._stale(g)
-            if why is None:
-                return self.run_graph(g, inputs)
+            tensors, why = self._resolve(g)
+            if why is None:  # resolved once per call: the same tensors run the graph
+                return g.__dict__["_ipcv_functional"](tensors, *inputs)
             if attempt or _tracing():
                 raise RuntimeError(f"ipcv: the rewritten block stack cannot run this tower: {why}")
             self._recapture(why, g.__dict__["_ipcv_capture"])
 
-    def _stale(self, g) -> Optional[str]:
+    def _resolve(self, g) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
         binding: Binding = g.__dict__["_ipcv_capture"].__dict__["_ipcv_binding"]
-        return binding.resolve(self.adapter.blocks)[1]
+        return binding.resolve(self.adapter.blocks)
 
     def run_graph(self, g, inputs: Sequence[torch.Tensor]):
         """Run the rewritten graph ``g`` (from :meth:`graph_for`) on ``inputs`` with the tower's live
         tensors; raises when the tower changed in a way ``g`` cannot follow (see :meth:`run_stack`)."""
-        binding: Binding = g.__dict__["_ipcv_capture"].__dict__["_ipcv_binding"]
-        tensors, why = binding.resolve(self.adapter.blocks)
+        tensors, why = self._resolve(g)
         if why is not None:
             raise RuntimeError(f"ipcv: this rewritten graph no longer matches the tower: {why}; get a new one "
                                "(tower.graph_for / TowerForExport) after the change")
