@@ -181,8 +181,8 @@ def machine_info() -> Dict[str, str]:
     }
 
 
-def command_line(argv) -> str:
-    return "python -m benchmarks.run" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
+def command_line(argv, module: str = "benchmarks.run") -> str:
+    return f"python -m {module}" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
 
 
 def now() -> str:

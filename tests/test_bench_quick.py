@@ -72,3 +72,18 @@ def test_write_markdown_replaces_only_the_results_section(tmp_path):
     write_markdown(str(md), meta, "| variant | rows v2 |", section="issue6")
     text3 = md.read_text()
     assert "| variant | rows v2 |" in text3 and "| variant | rows |" not in text3 and "| new | table |" in text3
+
+
+def test_frontier_reads_the_harness_run_it_names():
+    """The frontier step records the harness run's command and vanilla row from bench.json (``meta``
+    and the ``vanilla`` row, where benchmarks.run writes them) and its own command as
+    ``python -m benchmarks.frontier``."""
+    from benchmarks.frontier import vanilla_of
+    from benchmarks.report import command_line
+
+    bench = {"meta": {"command": "python -m benchmarks.run --quick"},
+             "rows": [{"method": "ipcv", "cos_all": 0.9, "probe_acc": 0.5, "gflops": 1.0},
+                      {"method": "vanilla", "cos_all": 1.0, "probe_acc": 0.71, "gflops": 63.4}]}
+    assert vanilla_of(bench) == {"cos_all": 1.0, "probe_acc": 0.71, "gflops": 63.4}
+    assert command_line(["--bench", "a b"], "benchmarks.frontier") == "python -m benchmarks.frontier --bench 'a b'"
+    assert command_line([]) == "python -m benchmarks.run"
