@@ -117,7 +117,7 @@ def parse_args(argv, description: Optional[str] = None):
                          "(default: 0.5 0.35 0.2; --quick: none)")
     ap.add_argument("--variant-set", dest="variant_set", choices=sorted(VARIANT_SETS), default="issue6",
                     help="which variant rows run at --variant-ratios (issue6: the variants of issue 6; issue16: the "
-                         "post-attention family and its ablations; all)")
+                         "post-attention family, its ablations and ToMe at the tuned configs' schedule (tome_twin); all)")
     ap.add_argument("--extra-ratios", type=float, nargs="*", help="ratios for the extra IPCV rows ([] = none)")
     ap.add_argument("--method-ratios", dest="method_ratios", nargs="*", default=[], metavar="METHOD=R,R",
                     help="more ratios for some grid methods, e.g. tome=0.42,0.27,0.1 (frontier points)")
@@ -196,6 +196,17 @@ def tuned_fields(retain: float, path: Optional[str] = None) -> Optional[Dict]:
     return d
 
 
+def tome_twin(fields: Dict) -> Optional[Dict]:
+    """ToMe at exactly the FLOPs of a tuned merge config: the same bipartite schedule, placement and
+    proportional attention, with ToMe's unmerge (``reconstruction="copy"``: every merged token takes
+    its absorber's final value) instead of NGR.  None for a config that is not a k=1 merge with NGR
+    (nothing to compare at equal FLOPs)."""
+    if fields.get("selection") != "bipartite" or fields.get("merge") != "average" or fields.get("k") != 1 \
+            or fields.get("reconstruction") != "feature":
+        return None
+    return {**fields, "reconstruction": "copy"}
+
+
 def method_ratios(specs) -> Dict[str, List[float]]:
     """``["tome=0.42,0.27", ...]`` -> ``{"tome": [0.42, 0.27]}`` (methods of :data:`GRID`)."""
     out: Dict[str, List[float]] = {}
@@ -218,6 +229,9 @@ def build_configs(args) -> List[Config]:
         t = tuned_fields(r)
         if t is not None:
             cfgs.append(Config("ipcv_config", r, t, "tuned"))
+            same = tome_twin(t) if getattr(args, "variant_set", "issue6") in ("issue16", "all") else None
+            if same is not None:
+                cfgs.append(Config("ipcv_config", r, same, "ToMe as a rewrite, tuned schedule"))
         for name, fields in tuned_alternates(r).items():
             cfgs.append(Config("ipcv_config", r, fields, f"tuned, {name}"))
     return cfgs

@@ -196,6 +196,31 @@ def test_benchmark_variant_runner_and_rows():
             assert "tuned" in labels
 
 
+def test_tome_twin_row_is_the_tuned_schedule_with_tomes_unmerge():
+    """The issue-16 harness compares a tuned merge config with ToMe at exactly its FLOPs: the same
+    fields with ``reconstruction="copy"``; configs with nothing to compare get no twin row."""
+    from benchmarks import run as bench
+    from benchmarks.grid import tome_twin
+    from ipcv_core.cost import ModelDims, config_flops
+    from ipcv_core.search import merge_family_config
+
+    d = merge_family_config(0.35, 12, first=0, front=0.6, placement="post_attention").to_dict()
+    d.pop("retain"), d.pop("extras")
+    twin = tome_twin(d)
+    assert twin == {**d, "reconstruction": "copy"}
+    dims = ModelDims(384, ffn_params=2 * 384 * 1536, key_dim=64)
+    kw = dict(n_tokens=1025, protected=1, depth=12, dims=dims)
+    assert config_flops(IPCVConfig(retain=0.35, **twin), **kw) == config_flops(IPCVConfig(retain=0.35, **d), **kw)
+    assert tome_twin({**d, "k": 3}) is None and tome_twin({**d, "merge": "size_bias"}) is None
+    assert tome_twin(dict(selection="score", reconstruction="feature", k=10, merge="none")) is None
+    args = bench.parse_args(["--variant-set", "issue16"])
+    labels = [c.variant for c in bench.build_configs(args) if c.method == "ipcv_config"]
+    for r in (0.5, 0.35, 0.2):
+        t = bench.tuned_fields(r)
+        if t is not None and tome_twin(t) is not None:
+            assert "ToMe as a rewrite, tuned schedule" in labels
+
+
 # ----------------------------------------------------------------------------- gradual bipartite merging
 def test_bipartite_selection_removes_what_tome_matching_removes():
     """One bipartite stage removes exactly the A tokens ToMe's bipartite soft matching merges away
