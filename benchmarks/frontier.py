@@ -152,7 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(work, exist_ok=True)
     res = {"command": command_line(argv, "benchmarks.frontier"), "date": now(), "machine": machine_info(), "bench": args.bench,
            "bench_command": bench["meta"]["command"], "size": args.size, "batch": args.batch, "repeats": args.repeats,
-           "threads": torch.get_num_threads(), "backends": args.backends, "rows": [], "per_ratio": {}}
+           "threads": torch.get_num_threads(), "backends": args.backends, "vanilla": vanilla_of(bench), "rows": [],
+           "per_ratio": {}}
     t_all = time.perf_counter()
     for r in sorted({row["retain"] for row in rows}, reverse=True):
         mods = {"vanilla": (TowerForExport(base, vanilla=True), False)}
@@ -221,7 +222,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(out, "w") as f:  # after every ratio: a run cut short keeps what it measured
             json.dump(res, f, indent=1)
     res["total_s"] = time.perf_counter() - t_all
-    res["vanilla"] = vanilla_of(bench)
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     _outputs(res, fig_path, args)

@@ -223,13 +223,13 @@ def build_configs(args) -> List[Config]:
     for m, rs in method_ratios(getattr(args, "method_ratios", [])).items():
         cfgs += [Config(m, r) for r in rs if r not in args.ratios]
     cfgs += [Config(m, r, dict(p), v) for r in args.extra_ratios for m, p, v in EXTRAS]
+    vset = getattr(args, "variant_set", "issue6")
     for r in getattr(args, "variant_ratios", None) or []:
-        cfgs += [Config("ipcv_config", r, p(r) if callable(p) else dict(p), v)
-                 for p, v in VARIANT_SETS[getattr(args, "variant_set", "issue6")]]
+        cfgs += [Config("ipcv_config", r, p(r) if callable(p) else dict(p), v) for p, v in VARIANT_SETS[vset]]
         t = tuned_fields(r)
         if t is not None:
             cfgs.append(Config("ipcv_config", r, t, "tuned"))
-            same = tome_twin(t) if getattr(args, "variant_set", "issue6") in ("issue16", "all") else None
+            same = tome_twin(t) if vset in ("issue16", "all") else None
             if same is not None:
                 cfgs.append(Config("ipcv_config", r, same, "ToMe as a rewrite, tuned schedule"))
         for name, fields in tuned_alternates(r).items():
