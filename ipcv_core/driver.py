@@ -92,7 +92,12 @@ def attend(blk, x_q: torch.Tensor, x_kv: torch.Tensor, ctx: AttnContext,
            q_lengths: Optional[Sequence[int]] = None, kv_lengths: Optional[Sequence[int]] = None) -> torch.Tensor:
     """``blk.attention_branch`` with attention inside each segment only: packed rows (static
     ``q_lengths`` / ``kv_lengths``, segments back to back) are attended segment by segment, so no
-    mask spans two segments; ``None``: the rows form one segment."""
+    mask spans two segments; ``None``: the rows form one segment.  A block with
+    ``attention_segments`` (e.g. a serving engine's variable-length attention) gets all segments
+    in one call and keeps them apart itself."""
+    packed = getattr(blk, "attention_segments", None)
+    if packed is not None and q_lengths is not None:
+        return packed(x_q, x_kv, ctx, tuple(q_lengths), tuple(kv_lengths))
     if q_lengths is None or len(q_lengths) == 1:
         return blk.attention_branch(x_q, x_kv, ctx)
     outs, qo, ko = [], 0, 0
@@ -126,6 +131,8 @@ class Branches:
     keys: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     # (x_q, x_kv, ctx) -> (update, head-averaged keys of x_kv as this attention computed them)
     attention_keys: Optional[Callable] = None
+    # (x_q, x_kv, ctx, q_lengths, kv_lengths) -> update: all segments of packed rows in one call
+    segments: Optional[Callable] = None
 
     def attention_branch(self, x_q, x_kv, ctx):
         return self.attention(x_q, x_kv, ctx)
@@ -140,6 +147,11 @@ class Branches:
 
     def ffn_branch(self, x):
         return self.ffn(x)
+
+    @property
+    def attention_segments(self) -> Optional[Callable]:
+        """The ``segments`` callable, or None (then the driver attends segment by segment)."""
+        return self.segments
 
     def key_features(self, x, pos=None):
         """Head-averaged attention keys of rows ``x`` as the attention core sees them; ``pos
