@@ -11,12 +11,14 @@ branch and an FFN branch, so every block here runs vLLM's own modules on whateve
   ``blk.attn`` with ``cu_seqlens`` / ``max_seqlen`` / FlashInfer ``sequence_lengths`` recomputed for
   the kept rows of each frame (and, in Qwen2.5-VL's windowed blocks, of each window) with vLLM's own
   helpers, and the rotary ``cos`` / ``sin`` tables gathered at the kept rows' original positions;
-* **AS blocks** (``[l_p, l_p+Δ)``): vLLM's ``blk.attn`` over all rows of each frame (kept rows and the
-  NGR-reconstructed removed rows, original order, the tower's own metadata); the kept rows' outputs
-  are the update (the kept queries attend over every row of their frame / window, as in the paper).
-  The queries and output projection of the reconstructed rows are computed and dropped: a few
-  per cent of the tower's FLOPs at retain 0.35 (BENCHMARKS.md, "vLLM"), in exchange for running
-  every attention on vLLM's backend, TP sharding and rotary kernel unchanged;
+* **AS blocks** (``[l_p, l_p+Δ)``): vLLM's fused ``qkv`` projection over every row of the frame
+  (kept rows and the NGR-reconstructed removed rows; split per head by the tower's own layout, so
+  tensor-parallel shards stay the rank's heads), rotary from vLLM's ``apply_rotary_emb`` at each
+  row's position, then the queries of the kept rows only attend over all rows of their frame (and
+  window, in Qwen2.5-VL's windowed blocks): ``K_i x n_i`` per frame through
+  :func:`ipcv_core.attention.segment_attention` (torch SDPA, frames of equal sizes batched) —
+  vLLM's encoder attention takes one ``cu_seqlens`` for queries and keys, so it cannot run this
+  shape — and vLLM's output projection (``RowParallelLinear``) on the kept rows;
 * **FFN**: ``blk.mlp(blk.norm2(x))`` on the kept rows.
 
 Selection, neighbours, NGR and reintegration are ``ipcv_core``'s (per frame: one segment per frame of
@@ -40,6 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ipcv_core.attention import segment_attention
 from ipcv_core.config import IPCVConfig
 from ipcv_core.driver import AttnContext, Branches, run_ipcv
 from ipcv_core.prune import stage_plan
@@ -116,6 +119,15 @@ class VisionFamily:
             return SegmentLayout.packed(frames, windows=frames_of_windows(_window_lengths_of(grid, tower), frames))
         grids = [(int(h), int(w)) for t, h, w in grid for _ in range(int(t))]
         return SegmentLayout.packed(frames, 0, grids, int(tower.spatial_merge_size))
+
+    def split_qkv(self, attn, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``blk.attn.qkv``'s output ``(L, 1, 3·H·hd)`` -> q, k, v ``(1, L, H, hd)`` of this rank's
+        heads, as the tower's attention splits it (Qwen2-VL: gathered and re-split under TP)."""
+        if self.plain_cu_seqlens:
+            return tuple(t.transpose(0, 1) for t in attn.split_qkv(qkv))
+        L = qkv.shape[0]
+        q, k, v = qkv.view(L, 3, attn.num_attention_heads_per_partition, attn.hidden_size_per_attention_head).unbind(1)
+        return q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
 
     def full_attention(self, tower, layer: int) -> bool:
         return not self.windows or layer in tower.fullatt_block_indexes
@@ -214,11 +226,28 @@ def ipcv_forward(tower, family: VisionFamily, config: IPCVConfig, x: torch.Tenso
 
     def attention(layer: int, blk, x_q, x_kv, ctx: AttnContext, q_lengths, kv_lengths):
         full = family.full_attention(tower, layer)
-        if ctx.q_in_kv is not None:  # AS: every row of the frame as key / value; keep the kept queries' rows
-            upd = blk.attn(blk.norm1(_seq_first(x_kv)), **metadata_for(ctx.kv_pos, kv_lengths, full))
-            return upd.transpose(0, 1)[:, ctx.q_in_kv[0]]
+        if ctx.q_in_kv is not None:  # AS: the kept rows' queries over every row of their frame
+            return stabilised_attention(blk, x_kv, ctx, q_lengths, kv_lengths, full)
         upd = blk.attn(blk.norm1(_seq_first(x_q)), **metadata_for(ctx.q_pos, q_lengths, full))
         return upd.transpose(0, 1)
+
+    def rows(table, pos):
+        return table if pos is None else table[pos[0]]
+
+    def stabilised_attention(blk, x_kv, ctx: AttnContext, q_lengths, kv_lengths, full):
+        a = blk.attn
+        qkv, _ = a.qkv(blk.norm1(_seq_first(x_kv)))
+        q, k, v = family.split_qkv(a, qkv)
+        q = q[:, ctx.q_in_kv[0]]
+        q = a.apply_rotary_emb(q.contiguous(), rows(cos, ctx.q_pos), rows(sin, ctx.q_pos))
+        k = a.apply_rotary_emb(k.contiguous(), rows(cos, ctx.kv_pos), rows(sin, ctx.kv_pos))
+        groups = {}
+        if not full:  # a windowed block: a query attends to the keys of its own window
+            groups = dict(q_groups=wid[ctx.q_pos[0]], kv_groups=wid if ctx.kv_pos is None else wid[ctx.kv_pos[0]])
+        o = segment_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), q_lengths=q_lengths,
+                              kv_lengths=kv_lengths, scale=a.attn.scale, **groups)  # (1, H, K, hd)
+        out, _ = a.proj(o.permute(2, 0, 1, 3).reshape(o.shape[2], 1, -1))
+        return out.transpose(0, 1)
 
     def ffn(blk, x):
         return blk.mlp(blk.norm2(_seq_first(x))).transpose(0, 1)
