@@ -175,7 +175,10 @@ class FunctionalGraph:
         self.targets = tuple(targets)
 
     def __call__(self, tensors: Dict[str, torch.Tensor], *inputs):
-        out = self.gm(*[tensors[t] for t in self.targets], *inputs)
+        return self.unflatten(self.gm(*[tensors[t] for t in self.targets], *inputs))
+
+    def unflatten(self, out):
+        """``gm``'s flat output -> the rewritten graph's output structure."""
         if self.out_spec is None:
             return out
         return pytree.tree_unflatten(list(out), self.out_spec)

@@ -14,9 +14,12 @@ What a file holds and what it serves is decided here and written into the file i
   file exported at another size serves the native one.  Grid-aware IPCV variants need the patch
   grid, so their file is for the example's image size (static).
 * **packed towers** (Qwen2-VL: several images / frames in one sequence, per-segment keep counts
-  baked in): one file per layout (``fixed_kwargs={"grid_thw": ...}``); the layout is recorded in
-  the file, and the project's loader refuses a call for another layout.  (A bare onnxruntime
-  session cannot check it: it only sees the patch count.)
+  baked in): one file per layout (``fixed_kwargs={"grid_thw": ...}``).  The file takes the layout
+  as an input, ``(pixel_values, grid_thw)`` as the transformers tower does, and checks it inside
+  the graph (:class:`LayoutCheck`): another ``grid_thw`` fails the call in any runtime — a bare
+  onnxruntime session or ``torch.export.load(path).module()`` included — instead of returning
+  wrong numbers.  The layout is also recorded in the file's metadata, and the project's loader
+  refuses another layout before running the graph, naming both.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from ipcv_core.segments import SegmentLayout
 
 from .tower import IPCVTower
 
-__all__ = ["TowerForExport", "OUTPUT_NAMES", "METADATA_KEY"]
+__all__ = ["TowerForExport", "LayoutCheck", "OUTPUT_NAMES", "METADATA_KEY", "LAYOUT_CHECK_SCOPE"]
 
 OUTPUT_NAMES = ("last_hidden_state", "pooler_output")
 METADATA_KEY = "ipcv"  # key of the JSON metadata in the ONNX file / the pt2 extra file "ipcv.json"
@@ -74,6 +77,44 @@ def _interpolating():
         yield
     finally:
         _tls.on = prev
+
+
+#: the submodule name of the in-graph layout check (the onnx backend names its failing node after it)
+LAYOUT_CHECK_SCOPE = "ipcv_layout_check"
+
+
+class LayoutCheck(nn.Module):
+    """The in-graph check of a packed file's layout: ``forward(pixel_values, grid_thw)`` returns
+    ``pixel_values`` unchanged when ``grid_thw`` equals the layout the file was built for, and fails
+    otherwise — in every runtime, since ONNX has no assert op:
+
+    * ``torch._assert_async`` raises ``RuntimeError`` with :attr:`message` (eager, ``torch.export``
+      programs / ``.pt2`` files, inductor); the ONNX exporter drops it, so
+    * an index into a one-element table that is out of range exactly when the layout differs:
+      onnxruntime fails the ``GatherND`` node (``INVALID_ARGUMENT``), which the onnx backend names
+      ``ipcv_layout_check: <message>`` so the error says why; and
+    * NaN added on a mismatch, so a runtime that does not bounds-check indices (some GPU execution
+      providers may not) returns NaN outputs — the documented mismatch signal — never wrong numbers.
+
+    A ``grid_thw`` of another shape (another number of images / videos) is refused by the file's
+    static input shape.  On a match the cost is a few ops on ``grid_thw`` and one multiply by 1.0."""
+
+    def __init__(self, grid_thw: torch.Tensor):
+        super().__init__()
+        want = grid_thw.detach().to(torch.int64)
+        self.register_buffer("want", want, persistent=False)
+        self.message = (f"grid_thw is not {want.tolist()}, the layout this file was exported for (a packed "
+                        "file serves one layout: export one file per grid_thw)")
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        if grid_thw.shape != self.want.shape:
+            raise ValueError(f"grid_thw of shape {list(grid_thw.shape)}: {self.message}")
+        bad = (grid_thw.to(torch.int64) != self.want.to(grid_thw.device)).any()
+        torch._assert_async(~bad, self.message)
+        one = torch.ones(1, dtype=pixel_values.dtype, device=pixel_values.device)
+        scale = one[bad.to(torch.int64).reshape(1)]  # out of range on a mismatch: onnxruntime fails here
+        scale = scale + torch.where(bad, float("nan"), 0.0).to(pixel_values.dtype)
+        return pixel_values * scale
 
 
 def _to_json(v):
@@ -141,6 +182,12 @@ class TowerForExport(nn.Module):
             self._template = prep
             for i, s in enumerate(prep.side):
                 self.register_buffer(f"side_{i}", s, persistent=False)
+            if self.packed:
+                thw = self.fixed_kwargs.get("grid_thw")
+                if not isinstance(thw, torch.Tensor):
+                    raise ValueError("TowerForExport: a packed tower's file is for one layout: give "
+                                     "fixed_kwargs={'grid_thw': the layout's grid_thw tensor}")
+                setattr(self, LAYOUT_CHECK_SCOPE, LayoutCheck(thw))
             self.layout = prep.layout
             self.taps = ad.taps_for(prep)
             self.example_shape = tuple(example[0].shape)
@@ -206,8 +253,21 @@ class TowerForExport(nn.Module):
             d.update({2: Dim.AUTO, 3: Dim.AUTO})
         return (d,)
 
-    #: human names of the input dims (the sidecar's and the ONNX file's dynamic dim names)
-    ipcv_input_names = ("pixel_values",)
+    @property
+    def ipcv_input_names(self) -> Tuple[str, ...]:
+        """Names of the file's inputs (ONNX input names): a packed file takes its layout too."""
+        return ("pixel_values", "grid_thw") if self.packed else ("pixel_values",)
+
+    def ipcv_keyword_inputs(self) -> Dict[str, torch.Tensor]:
+        """Keyword inputs an exported file takes besides ``pixel_values`` (read by the onnx / pt2
+        backends): a packed file's ``grid_thw``, checked inside the graph (:class:`LayoutCheck`)."""
+        return {"grid_thw": self.fixed_kwargs["grid_thw"]} if self.packed else {}
+
+    @property
+    def ipcv_check_messages(self) -> Dict[str, str]:
+        """``{submodule name: message}`` of the in-graph checks, for the onnx backend to name the
+        node that fails (onnxruntime's error then says why)."""
+        return {LAYOUT_CHECK_SCOPE: getattr(self, LAYOUT_CHECK_SCOPE).message} if self.packed else {}
 
     @property
     def ipcv_dim_names(self) -> Dict[str, Dict[int, str]]:
@@ -237,6 +297,8 @@ class TowerForExport(nn.Module):
         }
         if self.grid_fixed:
             meta["static_shapes"] = {"pixel_values": [None, *self.example_shape[1:]]}
+        if self.packed:  # the file's grid_thw input, checked inside the graph
+            meta["layout_input"] = "grid_thw"
         return meta
 
     # ------------------------------------------------------------------ forward
@@ -245,9 +307,15 @@ class TowerForExport(nn.Module):
             return self._embed(self.tower.tower, pixel_values)
         return self.tower.adapter.embed(pixel_values, self._template.context)
 
-    def forward(self, pixel_values: torch.Tensor):
+    def forward(self, pixel_values: torch.Tensor, grid_thw: Optional[torch.Tensor] = None):
+        """``grid_thw`` (packed towers): the call's layout, checked against the file's
+        (:class:`LayoutCheck`; exported files take it as an input); ``None``: not checked."""
         t = self.tower
         ad = t.adapter
+        if grid_thw is not None:
+            if not self.packed:
+                raise TypeError("TowerForExport: grid_thw is an input of packed (Qwen-family) towers only")
+            pixel_values = getattr(self, LAYOUT_CHECK_SCOPE)(pixel_values, grid_thw)
         if self.packed:
             side = tuple(getattr(self, f"side_{i}") for i in range(len(self._template.side)))
             prep = replace(self._template, hidden=self._embed_fn(pixel_values), side=side)

@@ -17,6 +17,13 @@ and batch dimension for batched towers).  The rewrite bakes static per-segment k
 The cache is a **compile cache**, not per-call state: an entry is a pure function of the layout,
 guarded by a lock; calls keep everything else in locals, so one module may serve several threads.
 
+``torch.compile``.  Batched towers are traced whole (the compiled code reads the cache without the
+lock: no graph break beyond the vanilla tower's).  Packed towers (and grid-aware variants) have one
+graph break: ``prepare`` and the layout dispatch — which may capture / rewrite, work that must never
+run inside a compiled frame — run eagerly behind ``torch.compiler.disable``, then the layout's graph
+module is called as a frame of its own, which the caller's ``torch.compile`` compiles once per
+layout (see :meth:`IPCVTower._run_dispatched`).
+
 The tower stays the tower.  ``IPCVTower`` *is* the original module's parameter tree (it shares the
 original's ``_parameters`` / ``_buffers`` / ``_modules``), so ``state_dict()`` keys,
 ``named_parameters()``, ``save_pretrained`` / ``from_pretrained`` of the VLM around it and ``.to()``
@@ -55,6 +62,16 @@ def _tracing() -> bool:
         torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
+@torch.compiler.disable
+def _unflatten(fg: FunctionalGraph, out):
+    return fg.unflatten(out)
+
+
+def _dynamo_compiling() -> bool:
+    """Inside ``torch.compile``'s trace (Dynamo), not ``torch.export``."""
+    return torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting()
+
+
 class IPCVTower(nn.Module):
     """A vision tower with IPCV inside its block stack; same call signature and output type as the
     original tower (attributes it does not define, such as ``config``, ``dtype`` or
@@ -90,8 +107,9 @@ class IPCVTower(nn.Module):
         # the pass's postcondition on the rows every block sees (a fake-tensor run of the graph) is
         # verified on this tower's first rewrite; later layouts go through the same steps
         d["_rows_checked"] = not verify_rows
+        d["_batched_layout"] = SegmentLayout.batched(adapter.protected)
         if not adapter.packed and not config.needs_grid:  # one graph for every batch and image size
-            self.graph_for(SegmentLayout.batched(adapter.protected))
+            self.graph_for(self._batched_layout)
 
     # ------------------------------------------------------------------ graphs
     def _blocks_prefix(self) -> str:
@@ -104,9 +122,19 @@ class IPCVTower(nn.Module):
     def capture_for(self, taps: Tuple[int, ...]):
         """The captured block stack returning the outputs of ``taps`` besides the last (captured on
         first use)."""
+        taps = tuple(taps)
+        if _dynamo_compiling():  # compiled code reads without the lock (a dict read is atomic); a miss captures eagerly
+            gm = self._captured.get(taps)
+            return gm if gm is not None else self._capture_eager(taps)
+        return self._capture_locked(taps)
+
+    @torch.compiler.disable
+    def _capture_eager(self, taps: Tuple[int, ...]):
+        return self._capture_locked(taps)
+
+    def _capture_locked(self, taps: Tuple[int, ...]):
         from ipcv_compile import capture
 
-        taps = tuple(taps)
         with self._lock:
             gm = self._captured.get(taps)
             if gm is None:
@@ -135,9 +163,24 @@ class IPCVTower(nn.Module):
         returning the outputs of ``taps`` too (default: the adapter's ``default_taps``).  Its
         attributes are the tensors of the tower at capture time; :meth:`run_stack` runs it on the
         tower's live tensors."""
+        taps = tuple(self.adapter.default_taps if taps is None else taps)
+        if _dynamo_compiling():
+            # compiled code (batched towers, whose one graph is built at rewrite): a lock-free read (a
+            # dict read is atomic); anything else — a miss, the LRU order, the stats — runs eagerly
+            if layout.lengths is None and not self.ipcv_config.needs_grid:
+                g = self._graphs.get((self._batched_layout, taps))
+                if g is not None and g.__dict__.get("_ipcv_capture") is self._captured.get(taps):
+                    return g
+            return self._graph_eager(layout, taps)
+        return self._graph_locked(layout, taps)
+
+    @torch.compiler.disable
+    def _graph_eager(self, layout: SegmentLayout, taps: Tuple[int, ...]):
+        return self._graph_locked(layout, taps)
+
+    def _graph_locked(self, layout: SegmentLayout, taps: Tuple[int, ...]):
         from ipcv_compile import rewrite_graph
 
-        taps = tuple(self.adapter.default_taps if taps is None else taps)
         if not self.ipcv_config.needs_grid:  # the grid matters only to grid-aware variants
             layout = layout.without_grid()
         key = (layout, taps)
@@ -167,15 +210,50 @@ class IPCVTower(nn.Module):
         """The rewritten block stack for ``layout`` on ``inputs``, reading the tower's tensors as they
         are now.  A change the graph cannot follow (a block submodule replaced / added / removed, a
         tensor of another dtype, device or shape) captures the block stack again, with a warning."""
-        taps = tuple(taps)
+        g, tensors = self._graph_and_tensors(layout, tuple(taps))
+        return g.__dict__["_ipcv_functional"](tensors, *inputs)
+
+    def _graph_and_tensors(self, layout: SegmentLayout, taps: Tuple[int, ...]):
+        """The rewritten graph for ``layout`` and the tower's tensors it runs on (resolved once per
+        call: the same tensors run the graph); captures again when the tower changed."""
         for attempt in range(2):
             g = self.graph_for(layout, taps)
             tensors, why = self._resolve(g)
-            if why is None:  # resolved once per call: the same tensors run the graph
-                return g.__dict__["_ipcv_functional"](tensors, *inputs)
-            if attempt or _tracing():
+            if why is None:
+                return g, tensors
+            if attempt or (_tracing() and not _dynamo_compiling()):
                 raise RuntimeError(f"ipcv: the rewritten block stack cannot run this tower: {why}")
-            self._recapture(why, g.__dict__["_ipcv_capture"])
+            if _dynamo_compiling():
+                self._recapture_eager(why, g.__dict__["_ipcv_capture"])
+            else:
+                self._recapture(why, g.__dict__["_ipcv_capture"])
+
+    # ------------------------------------------------------------------ torch.compile
+    # Batched towers (one graph for every batch and size) are traced whole by torch.compile: the graph
+    # is read without the lock.  Packed towers (and grid-aware variants) need data-dependent work
+    # (prepare: ``grid_thw.tolist()`` ...) and a graph per layout, which may have to be captured /
+    # rewritten (a fake-tensor run of the graph: never inside a compiled frame, where torch would call
+    # compiled kernels on fake tensors).  So that part is one graph break: ``_run_dispatched`` runs
+    # ``_dispatch`` eagerly, then calls the layout's graph module, whose frame the surrounding
+    # torch.compile compiles on its own (with the caller's backend, once per layout: its own code
+    # object, so new layouts do not count against the recompile limit of the tower's frames).
+    @torch.compiler.disable
+    def _dispatch(self, args, kwargs):
+        prep: Prepared = self.adapter.prepare(*args, **kwargs)
+        taps = self.adapter.taps_for(prep)
+        g, tensors = self._graph_and_tensors(prep.layout, taps)
+        fg: FunctionalGraph = g.__dict__["_ipcv_functional"]
+        return prep, taps, fg, [tensors[t] for t in fg.targets]
+
+    @torch.compiler.disable(recursive=False)
+    def _run_dispatched(self, args, kwargs):
+        prep, taps, fg, weights = self._dispatch(args, kwargs)
+        out = fg.gm(*weights, *prep.stack_inputs)  # a frame of its own, compiled by the caller's torch.compile
+        return prep, taps, _unflatten(fg, out)
+
+    @torch.compiler.disable
+    def _recapture_eager(self, why: str, stale) -> None:
+        self._recapture(why, stale)
 
     def _resolve(self, g) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
         binding: Binding = g.__dict__["_ipcv_capture"].__dict__["_ipcv_binding"]
@@ -214,9 +292,12 @@ class IPCVTower(nn.Module):
 
     # ------------------------------------------------------------------ call
     def forward(self, *args, **kwargs):
-        prep: Prepared = self.adapter.prepare(*args, **kwargs)
-        taps = self.adapter.taps_for(prep)
-        out = self.run_stack(prep.layout, taps, prep.stack_inputs)
+        if _dynamo_compiling() and (self.adapter.packed or self.ipcv_config.needs_grid):
+            prep, taps, out = self._run_dispatched(args, kwargs)  # one graph break (see _run_dispatched)
+        else:
+            prep: Prepared = self.adapter.prepare(*args, **kwargs)
+            taps = self.adapter.taps_for(prep)
+            out = self.run_stack(prep.layout, taps, prep.stack_inputs)
         hidden, tapped = (out[0], dict(zip(taps, out[1:]))) if taps else (out, {})
         if not _tracing():
             self._warn_nonfinite(hidden, prep.layout)
@@ -289,6 +370,7 @@ class IPCVTower(nn.Module):
         archives = state.pop("_captured_archives", {})
         super().__setstate__(state)
         self.__dict__["_lock"] = threading.Lock()
+        self.__dict__.setdefault("_batched_layout", SegmentLayout.batched(self.adapter.protected))
         prefix = self._blocks_prefix()
         for taps, st in archives.items():
             gm = capture_from_bytes(st, self.adapter.blocks)

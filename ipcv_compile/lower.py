@@ -149,8 +149,13 @@ def export_program(module: nn.Module, args: Sequence[Any], kwargs: Optional[Dict
 
     m = graph_of(module)
     kwargs = dict(kwargs or {})
-    if dynamic_shapes is None and dynamic and callable(getattr(m, "ipcv_dynamic_shapes", None)) and not kwargs:
+    if dynamic_shapes is None and dynamic and callable(getattr(m, "ipcv_dynamic_shapes", None)):
         dynamic_shapes = m.ipcv_dynamic_shapes(args)  # the module says what its export serves
+        if kwargs:  # by name; its keyword inputs (keyword_inputs) are static
+            import inspect
+
+            names = list(inspect.signature(m.forward).parameters)
+            dynamic_shapes = {**{names[i]: s for i, s in enumerate(dynamic_shapes)}, **{k: None for k in kwargs}}
     if dynamic_shapes is None and dynamic:
         if isinstance(m, fx.GraphModule) and not kwargs:
             dynamic_shapes = graph_dynamic_shapes(m, args)
@@ -258,6 +263,15 @@ def module_metadata(module: nn.Module) -> Dict[str, Any]:
     ``{}`` when it says nothing.  Written into ONNX ``metadata_props["ipcv"]`` / the pt2 extra file
     ``ipcv.json`` and read back by :func:`ipcv_compile.backends.artifacts.load_artifact`."""
     fn = getattr(graph_of(module), "ipcv_metadata", None)
+    return dict(fn()) if callable(fn) else {}
+
+
+def keyword_inputs(module: nn.Module) -> Dict[str, Any]:
+    """Keyword inputs a file made from ``module`` takes as graph inputs after its positional ones
+    (``module.ipcv_keyword_inputs()``, e.g. a packed tower's ``grid_thw``, which its graph checks
+    against the layout it was built for); ``{}`` when it names none.  The onnx / pt2 backends export
+    with them (ONNX inputs by name; a ``.pt2`` program called ``m(*args, name=...)``)."""
+    fn = getattr(graph_of(module), "ipcv_keyword_inputs", None)
     return dict(fn()) if callable(fn) else {}
 
 

@@ -2,7 +2,7 @@
 input) cases against references (the compiler-testing practice: a transformed program against a
 reference on many generated programs).
 
-    python tests/fuzz.py --cases 5000 [--seed S] [--shapes 3] [--onnx 20] [--minutes 20]
+    python tests/fuzz.py --cases 5000 [--seed S] [--shapes 3] [--onnx 20] [--compile 10] [--layout 10] [--minutes 20]
     python tests/fuzz.py --case '{"family": "dinov2", ...}'     # re-run one (minimised) case
 
 Pool.  :data:`FAMILIES` has one entry per tower family (adding one is one entry).  Each run draws
@@ -30,7 +30,13 @@ Checks (each a differential test; tolerances are relative: max-abs error / max-a
 * ``isolation``: one image (entry) alone vs its rows in the call <= 1e-5;
 * ``nan``: (a tenth of the cases) one image set to NaN: its output is NaN, every other image's
   output is bit-identical to the clean call's;
-* ``onnx``: (``--onnx`` cases) the whole tower exported to ONNX vs the eager graph <= 1e-4.
+* ``onnx``: (``--onnx`` cases) the whole tower exported to ONNX vs the eager graph <= 1e-4;
+* ``onnx_layout``: (``--layout`` cases, packed towers, exported to ONNX) the file run by a bare
+  onnxruntime session with its ``grid_thw`` input equals the eager graph <= 1e-4, and another
+  ``grid_thw`` of the same shape (and patch count where one exists) makes the session raise;
+* ``compile``: (``--compile`` cases) ``torch.compile`` of the rewritten tower (``aot_eager``: the
+  same dynamo path as inductor, without its kernel compile), called before any eager call of the
+  layout, vs the eager graph <= 1e-4.
 
 A failing case is minimised (depth, images, image size, retain, k, stages, variants, ... shrunk
 toward simpler values while it still fails) and printed as JSON for ``--case``.
@@ -58,6 +64,7 @@ TOL_DRIVER = 1e-5
 TOL_R1 = 1e-6
 TOL_ISOLATION = 1e-5
 TOL_ONNX = 1e-4
+TOL_COMPILE = 1e-4
 TIE_GAP = 1e-5
 
 
@@ -172,6 +179,7 @@ class Case:
     nan: bool = False
     onnx: bool = False
     verify_rows: bool = False  # also run the rewrite pass's postcondition (rows per block, fake tensors)
+    compile: bool = False  # also torch.compile the rewritten tower
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -188,7 +196,8 @@ class Case:
         extra = {k: v for k, v in c.items() if k not in ("retain", "prune_layer", "as_depth", "k")}
         return (f"{self.shape.family} depth {self.shape.depth} width {self.shape.width}/{self.shape.heads}h "
                 f"ls {self.shape.layerscale} | retain {c['retain']:.4g} l_p {c['prune_layer']} Δ {c['as_depth']} "
-                f"k {c['k']} {extra} | images {self.images}{' +nan' if self.nan else ''}{' +onnx' if self.onnx else ''}")
+                f"k {c['k']} {extra} | images {self.images}{' +nan' if self.nan else ''}{' +onnx' if self.onnx else ''}"
+                f"{' +compile' if self.compile else ''}")
 
 
 def _names(fn_name: str, default):
@@ -258,11 +267,11 @@ def random_images(rng: random.Random, fam: Family) -> List[List[int]]:
     return [[h, w]] * rng.randint(1, 3)
 
 
-def random_case(rng: random.Random, shapes: Sequence[Shape], onnx: bool = False) -> Case:
+def random_case(rng: random.Random, shapes: Sequence[Shape], onnx: bool = False, compile: bool = False) -> Case:
     shape = rng.choice(list(shapes))
     cfg = random_config(rng, shape.depth)
     return Case(shape, _cfg_dict(cfg), random_images(rng, FAMILIES[shape.family]), rng.randrange(1 << 20),
-                nan=rng.random() < 0.1, onnx=onnx, verify_rows=rng.random() < 0.2)
+                nan=rng.random() < 0.1, onnx=onnx, verify_rows=rng.random() < 0.2, compile=compile)
 
 
 def _cfg_dict(cfg) -> Dict[str, Any]:
@@ -370,7 +379,8 @@ def _entry_slices(images: List[List[int]], merge: int = 4):
         start, mstart = start + n, mstart + n // merge
 
 
-def run_case(case: Case, pool: Pool, checks: Sequence[str] = ("driver", "r1", "isolation", "nan", "onnx")) -> Result:
+def run_case(case: Case, pool: Pool,
+             checks: Sequence[str] = ("driver", "r1", "isolation", "nan", "onnx", "compile")) -> Result:
     import ipcv_adapters
 
     t0 = time.perf_counter()
@@ -385,8 +395,17 @@ def run_case(case: Case, pool: Pool, checks: Sequence[str] = ("driver", "r1", "i
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rt = base.with_config(cfg, verify_rows=case.verify_rows)
+            if "compile" in checks and case.compile:  # before any eager call of this layout
+                got = _compiled(rt, args, kw)
             with torch.no_grad():
                 out = rt(*args, **kw)
+            if "compile" in checks and case.compile:
+                err = _worst(got, out)
+                r.measured["compile"] = err
+                if not err <= TOL_COMPILE:
+                    r.failures.append(("compile", f"torch.compile vs the eager graph: relative error {err:.3e} > "
+                                                  f"{TOL_COMPILE}"))
+            with torch.no_grad():
                 if "driver" in checks:
                     ref, res = ipcv_adapters.run_eager(tower, cfg, *args, **kw)
                     err = _worst(out, ref)
@@ -466,6 +485,60 @@ def _nan(case, rt, out, args, kw, r, fam):
         r.failures.append(("nan", f"a NaN in image {i} changed another image's output"))
 
 
+def _compiled(rt, args, kw):
+    """``torch.compile(rt)`` called on the case (``aot_eager``; a fresh dynamo cache, so no earlier
+    case's guards or recompile limit are in play)."""
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            return torch.compile(rt, backend="aot_eager")(*args, **kw)
+    finally:
+        torch._dynamo.reset()
+
+
+def _other_grid(grids: List[List[int]]) -> List[List[int]]:
+    """Another ``grid_thw`` of the same shape: the same patch count where one exists (entries
+    reordered, an entry's height and width swapped or refactored), else one value changed."""
+    if len({tuple(g) for g in grids}) > 1:
+        return list(reversed(grids))
+    out = [list(g) for g in grids]
+    t, h, w = out[0]
+    if h != w:
+        out[0] = [t, w, h]
+        return out
+    for h2 in range(2, h * w, 2):
+        if (h * w) % h2 == 0 and ((h * w) // h2) % 2 == 0 and h2 != h:
+            out[0] = [t, h2, (h * w) // h2]
+            return out
+    out[0] = [t + 1, h, w]  # no other layout of this patch count: another one of the same shape
+    return out
+
+
+def _bare_session(path, x, thw, grids, want, r):
+    """The packed file in a bare onnxruntime session: its grid_thw input, checked inside the graph."""
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # the refused call below is expected: no error log line for it
+    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    got = [torch.from_numpy(o) for o in s.run(None, {"pixel_values": x.numpy(), "grid_thw": thw.numpy()})]
+    err = _worst(got, want)
+    r.measured["onnx_layout"] = err
+    if not err <= TOL_ONNX:
+        r.failures.append(("onnx_layout", f"bare onnxruntime session vs eager graph: relative error {err:.3e} > {TOL_ONNX}"))
+    other = _other_grid(grids)
+    try:
+        s.run(None, {"pixel_values": x.numpy(), "grid_thw": np.array(other, dtype=np.int64)})
+    except Exception as e:
+        if "ipcv_layout_check" not in str(e):
+            r.failures.append(("onnx_layout", f"grid_thw {other}: the session failed, but not at the layout check: "
+                                              f"{str(e)[:300]}"))
+        return
+    r.failures.append(("onnx_layout", f"a bare onnxruntime session ran the file for {grids} on grid_thw {other} "
+                                      "without an error"))
+
+
 def _onnx(case, rt, args, kw, r, fam):
     from ipcv_adapters.export import TowerForExport
     from ipcv_compile import lower
@@ -508,6 +581,8 @@ def _onnx(case, rt, args, kw, r, fam):
             with torch.no_grad():
                 want = mod(ex)
             got = lw(ex, **fixed)
+        if fam.packed:
+            _bare_session(os.path.join(d, "m.onnx"), x, kw["grid_thw"], case.images, want, r)
     err = _worst(got, want)
     r.measured["onnx"] = err
     if not err <= TOL_ONNX:
@@ -583,7 +658,7 @@ def _valid(case: Case) -> bool:
 def minimise(case: Case, kinds: Sequence[str], pool: Pool, budget_s: float = 300.0, log=print) -> Case:
     """Greedy shrinking: keep the first simpler variant that still fails a check of ``kinds``."""
     t0 = time.perf_counter()
-    checks = tuple({"crash": "driver"}.get(k, k) for k in kinds) + ("driver",)
+    checks = tuple({"crash": "driver", "onnx_layout": "onnx"}.get(k, k) for k in kinds) + ("driver",)
     changed = True
     while changed and time.perf_counter() - t0 < budget_s:
         changed = False
@@ -630,8 +705,11 @@ class Summary:
 
 def fuzz(cases: int, seed: Optional[int] = None, shapes_per_family: int = 2, onnx: int = 3,
          minutes: Optional[float] = None, families: Optional[Sequence[str]] = None, minimise_failures: bool = True,
-         log: Callable[[str], None] = print) -> Summary:
-    """Run ``cases`` random cases (or until ``minutes``); returns a :class:`Summary`."""
+         log: Callable[[str], None] = print, compile: int = 3, layout: int = 2) -> Summary:
+    """Run ``cases`` random cases (or until ``minutes``); returns a :class:`Summary`.  ``onnx`` /
+    ``compile`` cases are also exported to ONNX / torch.compiled; ``layout`` more cases of packed
+    towers are exported to ONNX and run in a bare onnxruntime session (a case the rewrite refuses
+    passes its extra check on to the next case)."""
     torch.set_flush_denormal(True)
     seed = random.randrange(1 << 30) if seed is None else seed
     log(f"ipcv fuzz: seed {seed} (re-run: python tests/fuzz.py --cases {cases} --seed {seed})")
@@ -640,14 +718,29 @@ def fuzz(cases: int, seed: Optional[int] = None, shapes_per_family: int = 2, onn
     pool = Pool()
     shapes = [random_shape(rng, f) for f in fams for _ in range(shapes_per_family)]
     onnx_at = set(rng.sample(range(cases), min(onnx, cases)))
+    sel = random.Random(seed + 1)  # the compile / layout cases (drawn apart: the other draws stay as they were)
+    early = range(cases - 20 if cases > 40 else cases)  # room for a case owed to the next one
+    compile_at = set(sel.sample(early, min(compile, len(early))))
+    packed_shapes = [sh for sh in shapes if FAMILIES[sh.family].packed]
+    layout_at = set(sel.sample(early, min(layout, len(early)))) if packed_shapes else set()
+    owed_compile = owed_layout = 0
     s = Summary(seed)
     t0 = time.perf_counter()
     for i in range(cases):
         if minutes is not None and time.perf_counter() - t0 > minutes * 60:
             log(f"time limit reached after {i} cases")
             break
-        case = random_case(rng, shapes, onnx=i in onnx_at)
+        owed_compile += i in compile_at
+        owed_layout += i in layout_at
+        if owed_layout:  # a packed tower, exported to ONNX: its file's layout input
+            case = random_case(rng, packed_shapes, onnx=True, compile=bool(owed_compile))
+        else:
+            case = random_case(rng, shapes, onnx=i in onnx_at, compile=bool(owed_compile))
         res = run_case(case, pool)
+        # an extra check the case did not run (the rewrite refused the config, a documented tie rule
+        # skipped the export) is owed to the next case
+        owed_compile -= bool(owed_compile and ("compile" in res.measured or res.failures))
+        owed_layout -= bool(owed_layout and ("onnx_layout" in res.measured or res.failures))
         s.cases += 1
         s.ties += len(res.ties)
         if res.rejected:
@@ -676,6 +769,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="default: a fresh random seed (printed)")
     ap.add_argument("--shapes", type=int, default=3, help="random tower shapes per family in the pool")
     ap.add_argument("--onnx", type=int, default=None, help="cases also checked through ONNX (default cases // 100 + 3)")
+    ap.add_argument("--compile", type=int, default=None, help="cases also checked through torch.compile "
+                    "(default cases // 100 + 3)")
+    ap.add_argument("--layout", type=int, default=None, help="extra packed cases exported to ONNX and run in a bare "
+                    "onnxruntime session, with their grid_thw and another one (default cases // 100 + 2)")
     ap.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
     ap.add_argument("--families", default=None, help="comma-separated subset of " + ", ".join(FAMILIES))
     ap.add_argument("--case", default=None, help="run one case given as JSON (from a failure report)")
@@ -693,7 +790,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0 if res.ok else 1
     onnx = args.onnx if args.onnx is not None else args.cases // 100 + 3
     fams = args.families.split(",") if args.families else None
-    s = fuzz(args.cases, args.seed, args.shapes, onnx, args.minutes, fams, not args.no_minimise)
+    comp = args.compile if args.compile is not None else args.cases // 100 + 3
+    layout = args.layout if args.layout is not None else args.cases // 100 + 2
+    s = fuzz(args.cases, args.seed, args.shapes, onnx, args.minutes, fams, not args.no_minimise, compile=comp, layout=layout)
     print(s.format())
     return 0 if not s.failures else 1
 

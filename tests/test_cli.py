@@ -62,7 +62,8 @@ def test_export_onnx_qwen2vl_reload_runs(tmp_path):
     assert side["dynamic_dims"] == {}  # one file per packed layout
     sess = ort.InferenceSession(str(out))
     pv, thw = qwen2vl_inputs([[1, 4, 6], [1, 4, 4]], seed=7)  # new pixels, same layout
-    last, pooled = sess.run(None, {sess.get_inputs()[0].name: pv.numpy()})
+    feeds = {sess.get_inputs()[0].name: pv.numpy(), "grid_thw": thw.numpy().astype("int64")}  # the file checks its layout
+    last, pooled = sess.run(None, feeds)
     with torch.no_grad():
         ref = _tower("qwen2_vl", 0.35)(pv, grid_thw=thw)
     assert _rel(torch.from_numpy(last), ref.last_hidden_state) <= 1e-4

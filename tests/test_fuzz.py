@@ -1,7 +1,8 @@
 """Differential fuzzing in CI (``tests/fuzz.py``): >= 200 random (tower, IPCV config, input) cases
 over a pool of captured tiny towers of every family — rewritten graph vs eager driver, retain 1.0
-vs the original tower, per-image isolation, the NaN rule, ONNX vs the eager graph on a few — with 0
-mismatches.  Each run draws a fresh seed (printed; ``IPCV_FUZZ_SEED`` fixes it,
+vs the original tower, per-image isolation, the NaN rule, ONNX vs the eager graph on a few,
+torch.compile on a few, and on a few packed towers' ONNX files their grid_thw input in a bare
+onnxruntime session (right layout equal, another refused) — with 0 mismatches.  Each run draws a fresh seed (printed; ``IPCV_FUZZ_SEED`` fixes it,
 ``IPCV_FUZZ_CASES`` sets the count); a failure is minimised and printed with its re-run command.
 The long mode is ``python tests/fuzz.py --cases 5000``."""
 
@@ -24,7 +25,7 @@ def test_differential_fuzz():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and kind to a shared machine
     try:
-        s = fuzz.fuzz(cases=n, seed=seed, shapes_per_family=2, onnx=3, log=lambda m: None)
+        s = fuzz.fuzz(cases=n, seed=seed, shapes_per_family=2, onnx=3, compile=3, layout=2, log=lambda m: None)
     finally:
         torch.set_num_threads(threads)
     report = s.format()
@@ -34,6 +35,8 @@ def test_differential_fuzz():
     assert s.checks.get("driver", 0) >= 0.75 * n, report  # the checks really ran (few configs refused)
     assert s.checks.get("r1", 0) >= 0.75 * n and s.checks.get("isolation", 0) >= 0.3 * n, report
     assert s.ties <= 0.02 * n, report
+    if n > 40:  # a case the rewrite refuses (or a tie rule skips) passes its extra check on to the next
+        assert s.checks.get("compile", 0) == 3 and s.checks.get("onnx_layout", 0) >= 2, report  # (+ packed onnx cases)
 
 
 def test_minimiser_shrinks_to_a_smallest_failing_case(monkeypatch):

@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 
 from ..lower import (Lowered, LoweringError, check_fixed_inputs, default_artifact_path, dynamic_dims, export_program,
-                     graph_of, module_metadata, symbol_names)
+                     graph_of, keyword_inputs, module_metadata, symbol_names)
 
 METADATA_KEY = "ipcv"  # metadata_props key of the exporting module's JSON metadata (module_metadata)
 
@@ -38,7 +38,8 @@ class OnnxRuntimeModule:
     The file's ``ipcv`` metadata (written by :func:`lower_onnx` from the module's ``ipcv_metadata()``)
     is in :attr:`metadata`; keyword arguments of a call are checked against its ``fixed_inputs``
     (e.g. a packed layout's ``grid_thw``: ``m(pixel_values, grid_thw=thw)``), see
-    :func:`ipcv_compile.lower.check_fixed_inputs`.
+    :func:`ipcv_compile.lower.check_fixed_inputs`, and feed the graph inputs of that name (the
+    inputs after the positional ones: a packed file's ``grid_thw``, checked again inside the graph).
     """
 
     def __init__(self, path: str, input_positions: Optional[Sequence[int]] = None, out_spec=None,
@@ -59,11 +60,13 @@ class OnnxRuntimeModule:
         raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         self.metadata = json.loads(raw) if raw else {}
 
-    def _feed(self, args):
+    def _feed(self, args, keywords=None):
         if self.input_positions is None:
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
         else:
             tensors = [args[i] for i in self.input_positions]
+        keywords = {k: v for k, v in (keywords or {}).items() if k in self.input_names[len(tensors):]}
+        tensors = tensors + [keywords[n] for n in self.input_names[len(tensors):] if n in keywords]
         if len(tensors) != len(self.input_names):
             raise ValueError(f"{os.path.basename(self.path)} takes {len(self.input_names)} tensor inputs "
                              f"({self.input_names}), got {len(tensors)}")
@@ -77,7 +80,7 @@ class OnnxRuntimeModule:
     def __call__(self, *args, **fixed):
         check_fixed_inputs(self.metadata, fixed, os.path.basename(self.path))
         check_shape_guards(self.metadata.get("shape_guards") or (), args, os.path.basename(self.path))
-        outs = [torch.from_numpy(o) for o in self.session.run(None, self._feed(args))]
+        outs = [torch.from_numpy(o) for o in self.session.run(None, self._feed(args, fixed))]
         if self.out_spec is not None:
             import torch.utils._pytree as pytree
 
@@ -113,6 +116,26 @@ def rename_dims(model, names) -> None:
     for node in g:
         for v in node.outputs:
             fix(v)
+
+
+def name_check_nodes(model, messages) -> int:
+    """Rename the index nodes of the exporting module's in-graph checks (``ipcv_check_messages``:
+    ``{submodule name: message}``, e.g. a packed file's layout check) to ``"<name>: <message>"``.
+    ONNX has no assert op: such a check fails by indexing out of range, and onnxruntime's error names
+    the failing node — so the error then says why.  Returns the number of nodes renamed."""
+    if not messages:
+        return 0
+    renamed = 0
+    for node in model.graph:
+        if node.op_type not in ("Gather", "GatherND", "GatherElements"):
+            continue
+        scopes = str(node.metadata_props.get("pkg.torch.onnx.name_scopes", ""))
+        for scope, message in messages.items():
+            if f"'{scope}'" in scopes:
+                node.name = f"{scope}: {message}" + ("" if renamed == 0 else f" ({renamed})")
+                renamed += 1
+                break
+    return renamed
 
 
 def _guard_namespace():
@@ -261,7 +284,8 @@ def lower_onnx(module, example_inputs, *, example_kwargs=None, path=None, dynami
     except ImportError as e:  # pragma: no cover
         raise LoweringError("the onnx backend needs onnx, onnxscript and onnxruntime: pip install 'ipcv[onnx]'") from e
     t0 = time.perf_counter()
-    ep = export_program(module, example_inputs, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
+    kw = keyword_inputs(module)  # e.g. a packed file's grid_thw: graph inputs after the positional ones
+    ep = export_program(module, example_inputs, kw, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
     t_export = time.perf_counter() - t0
     n_fixed = fix_empty_reductions(ep)
     t0 = time.perf_counter()
@@ -273,10 +297,11 @@ def lower_onnx(module, example_inputs, *, example_kwargs=None, path=None, dynami
     if input_names is not None and len(input_names) != len(ep.graph_signature.user_inputs):
         input_names = None
     try:
-        prog = torch.onnx.export(ep, tuple(example_inputs), dynamo=True, optimize=optimize, opset_version=opset,
-                                 output_names=output_names, input_names=input_names)
+        prog = torch.onnx.export(ep, tuple(example_inputs), kwargs=kw or None, dynamo=True, optimize=optimize,
+                                 opset_version=opset, output_names=output_names, input_names=input_names)
     except Exception as e:
         raise LoweringError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
+    n_checks = name_check_nodes(prog.model, getattr(m, "ipcv_check_messages", None))
     t_onnx = time.perf_counter() - t0
     dim_names = getattr(m, "ipcv_dim_names", None)
     rename_dims(prog.model, symbol_names(ep, dim_names))
@@ -293,9 +318,9 @@ def lower_onnx(module, example_inputs, *, example_kwargs=None, path=None, dynami
     prog.save(path, external_data=n_bytes > _EXTERNAL_DATA_BYTES)
     positions = [i for i, a in enumerate(example_inputs) if isinstance(a, torch.Tensor)]
     rt = OnnxRuntimeModule(path, positions, out_spec=ep.call_spec.out_spec, providers=providers, threads=threads)
-    if len(rt.input_names) != len(positions):
-        raise LoweringError(f"exported ONNX graph has inputs {rt.input_names} but the example has {len(positions)} "
-                            "tensor inputs (an unused input was dropped?)")
+    if len(rt.input_names) != len(positions) + len(kw):
+        raise LoweringError(f"exported ONNX graph has inputs {rt.input_names} but the example has "
+                            f"{len(positions) + len(kw)} tensor inputs (an unused input was dropped?)")
     return Lowered("onnx", rt, artifact=path, dynamic_dims=dynamic_dims(ep, dim_names),
                    info={"export_s": t_export, "onnx_s": t_onnx, "inputs": rt.input_names,
-                         "empty_reductions_fixed": n_fixed, "shape_guards": len(guards)})
+                         "empty_reductions_fixed": n_fixed, "shape_guards": len(guards), "checks_named": n_checks})

@@ -16,7 +16,7 @@ from typing import Any, Dict
 import torch
 
 from ..lower import (Lowered, check_fixed_inputs, default_artifact_path, dynamic_dims, export_program, graph_of,
-                     module_metadata)
+                     keyword_inputs, module_metadata)
 
 METADATA_FILE = "ipcv.json"
 
@@ -24,7 +24,9 @@ METADATA_FILE = "ipcv.json"
 class Pt2Module:
     """A loaded ``.pt2`` archive, called like the exported module (``module``: the runnable
     ``torch.export.load(path).module()``; ``metadata``: its ``ipcv.json``); keyword arguments of a call
-    are checked against the file's ``fixed_inputs`` (:func:`ipcv_compile.lower.check_fixed_inputs`)."""
+    are checked against the file's ``fixed_inputs`` (:func:`ipcv_compile.lower.check_fixed_inputs`)
+    and passed to the program where it takes them (a packed file's ``grid_thw``, checked again inside
+    the graph)."""
 
     def __init__(self, path: str):
         extra = {METADATA_FILE: ""}
@@ -32,13 +34,24 @@ class Pt2Module:
         self.program = torch.export.load(path, extra_files=extra)
         self.module = self.program.module()
         self.metadata: Dict[str, Any] = json.loads(extra[METADATA_FILE]) if extra[METADATA_FILE] else {}
+        self.keyword_inputs = _keyword_names(self.program)
 
     def __call__(self, *args, **fixed):
         check_fixed_inputs(self.metadata, fixed, os.path.basename(self.path))
-        return self.module(*args)
+        return self.module(*args, **{k: v for k, v in fixed.items() if k in self.keyword_inputs})
 
     def __repr__(self) -> str:
         return f"Pt2Module({self.path!r})"
+
+
+def _keyword_names(program) -> tuple:
+    """The keyword inputs of an exported program (``torch.export``'s input spec: ``(args, kwargs)``)."""
+    try:
+        spec = program.call_spec.in_spec
+        kw_spec = spec.child(1) if hasattr(spec, "child") else spec.children_specs[1]
+        return tuple(kw_spec.context or ())
+    except Exception:  # another spec layout: no keyword inputs passed
+        return ()
 
 
 def load_pt2(path: str) -> Pt2Module:
@@ -50,7 +63,8 @@ def lower_pt2(module, example_inputs, *, example_kwargs=None, path=None, dynamic
     if opts:
         raise TypeError(f"pt2 backend takes no options, got {sorted(opts)}")
     t0 = time.perf_counter()
-    ep = export_program(module, example_inputs, example_kwargs, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
+    kwargs = {**keyword_inputs(module), **(example_kwargs or {})}  # e.g. a packed file's grid_thw
+    ep = export_program(module, example_inputs, kwargs or None, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
     t_export = time.perf_counter() - t0
     path = path or default_artifact_path("pt2", ".pt2")
     meta = module_metadata(module)
