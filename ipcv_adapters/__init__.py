@@ -11,8 +11,11 @@ Supported towers: Qwen2-VL (``Qwen2VisionTransformerPretrainedModel``), Qwen2.5-
 subclass :class:`TowerAdapter` and decorate with :func:`register_adapter`.
 """
 
+from ipcv_core import __version__
+
 from .base import OutputRequest, Prepared, TowerAdapter, attention_shell, pop_output_request, shells
 from .registry import (
+    ShallowDefaultsWarning,
     UnsupportedTowerError,
     adapters,
     find_adapter,
@@ -42,8 +45,8 @@ def compress(model, *args, **kwargs):
 
 
 __all__ = [
-    "compress",
+    "__version__", "compress",
     "OutputRequest", "Prepared", "TowerAdapter", "attention_shell", "pop_output_request", "shells",
-    "UnsupportedTowerError", "adapters", "find_adapter", "register_adapter", "rewrite_with_adapter",
+    "ShallowDefaultsWarning", "UnsupportedTowerError", "adapters", "find_adapter", "register_adapter", "rewrite_with_adapter",
     "run_eager", "supported_towers", "IPCVTower",
 ]

@@ -147,11 +147,40 @@ class TowerAdapter(ABC):
 
     def __init__(self, tower: nn.Module):
         self.tower = tower
+        #: blocks whose outputs the model holding the tower reads on every call (a VLM's
+        #: ``vision_feature_layer``, e.g. LLaVA's -2), set by ``rewrite(..., feature_layers=)`` /
+        #: ``compress()`` so that the first capture already returns them
+        self.feature_taps: Tuple[int, ...] = ()
+
+    @property
+    def tower_taps(self) -> Tuple[int, ...]:
+        """Intermediate blocks whose outputs the tower itself needs on every call (e.g. Qwen3-VL's
+        deepstack blocks)."""
+        return ()
 
     @property
     def default_taps(self) -> Tuple[int, ...]:
-        """Intermediate blocks whose outputs every call needs (e.g. Qwen3-VL's deepstack blocks)."""
-        return ()
+        """Intermediate blocks whose outputs every call returns: :attr:`tower_taps` and the
+        :attr:`feature_taps` of the model holding the tower."""
+        return tuple(sorted(set(self.tower_taps) | set(self.__dict__.get("feature_taps", ()))))
+
+    def set_feature_layers(self, layers) -> Tuple[int, ...]:
+        """Record the entries of HF's ``hidden_states`` tuple (an index or a list; negative from the
+        end, as a VLM's ``vision_feature_layer``) that the model holding the tower asks for on every
+        call; returns the blocks tapped for them (the last block's output and the blocks' input need
+        no tap)."""
+        sel = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else list(layers)
+        n = self.depth + 1
+        taps = set()
+        for i in sel:
+            if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+                raise ValueError(f"feature_layers: {i!r} is not an index into the {n} hidden states of this "
+                                 f"{self.depth}-block tower; allowed: ints in [-{n}, {n - 1}]")
+            j = i % n
+            if 1 <= j < self.depth:
+                taps.add(j - 1)
+        self.feature_taps = tuple(sorted(taps))
+        return self.feature_taps
 
     def output_request(self, kwargs: Dict[str, Any]) -> OutputRequest:
         """:func:`pop_output_request` with this tower's config and depth."""

@@ -136,7 +136,7 @@ class Qwen3VLAdapter(Qwen3_5Adapter):
     title = "Qwen3-VL's vision tower"
 
     @property
-    def default_taps(self) -> Tuple[int, ...]:
+    def tower_taps(self) -> Tuple[int, ...]:
         return tuple(self.tower.deepstack_visual_indexes)
 
     def finish(self, hidden: torch.Tensor, prep: Prepared, taps=None):

@@ -3,6 +3,7 @@ eager-driver path through the same adapters."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, List, Optional, Tuple, Type
 
 import torch
@@ -23,6 +24,8 @@ __all__ = [
     "find_adapter",
     "rewrite_with_adapter",
     "run_eager",
+    "ShallowDefaultsWarning",
+    "warn_if_clipped",
 ]
 
 _ADAPTERS: List[Type[TowerAdapter]] = []
@@ -90,14 +93,51 @@ def find_adapter(module: nn.Module) -> TowerAdapter:
 
 
 def rewrite_with_adapter(tower: nn.Module, config: Optional[IPCVConfig] = None, *,
-                         cache_size: int = DEFAULT_CACHE_SIZE) -> IPCVTower:
+                         cache_size: int = DEFAULT_CACHE_SIZE, feature_layers=None) -> IPCVTower:
     """The drop-in IPCV version of a supported tower (captured now; see :class:`IPCVTower`).  The
-    rewriter ``ipcv_compile.rewrite(tower, ...)`` finds through the ``ipcv.rewriters`` entry point."""
+    rewriter ``ipcv_compile.rewrite(tower, ...)`` finds through the ``ipcv.rewriters`` entry point.
+
+    ``feature_layers``: the entries of HF's ``hidden_states`` the model holding the tower reads on
+    every call — its ``vision_feature_layer`` (LLaVA: ``-2``; an int or a list) — captured now with
+    the rest, so that the first ``generate()`` does not capture the block stack a second time
+    (:func:`ipcv_adapters.compress` passes the VLM's own)."""
     if isinstance(tower, IPCVTower):
         raise ValueError("this tower is already IPCV-rewritten; use tower.with_config(...) for another config, "
                          "or rewrite tower.tower (the original)")
     adapter = find_adapter(tower)
-    return IPCVTower(tower, adapter, adapter.resolve_config(config or IPCVConfig()), cache_size=cache_size)
+    if feature_layers is not None:
+        adapter.set_feature_layers(feature_layers)
+    config = config or IPCVConfig()
+    resolved = adapter.resolve_config(config)
+    warn_if_clipped(type(tower).__name__, adapter, config, resolved)
+    return IPCVTower(tower, adapter, resolved, cache_size=cache_size)
+
+
+class ShallowDefaultsWarning(UserWarning):
+    """The tower's default ``l_p`` / ``Δ``, clipped to a shallow tower, leave few blocks pruned."""
+
+
+def warn_if_clipped(name: str, adapter: TowerAdapter, config: IPCVConfig, resolved: IPCVConfig) -> None:
+    """Warn when the tower's default attention-stabilisation depth ``Δ`` (``as_depth`` left ``None``)
+    had to be clipped to the depth so far (``Δ < 2``) that the ratio barely reduces the tower's
+    work: e.g. an 8-block InternVL tower resolves l_p = 7, Δ = 1 — one block sees the kept rows."""
+    if config.as_depth is not None or resolved.retain >= 1.0 or resolved.stages \
+            or not resolved.placement_rule.allows_as:
+        return
+    default = int(adapter.default_config.get("as_depth", 0))
+    if not (resolved.as_depth < 2 and resolved.as_depth < default):
+        return
+    depth = adapter.depth
+    pruned = depth - resolved.prune_layer
+    lp = max(1, depth // 3)
+    delta = max(0, min(2, depth - lp - 1))
+    warnings.warn(
+        f"ipcv: {name} has {depth} blocks, so its default IPCV schedule (l_p={adapter.default_config.get('prune_layer')}, "
+        f"Δ={default}) was clipped to l_p={resolved.prune_layer}, Δ={resolved.as_depth}: only {pruned} of {depth} "
+        f"block(s) run on the kept tokens, and retain={resolved.retain} barely reduces the tower's work. Set them "
+        f"explicitly, e.g. ipcv_compile.rewrite(tower, retain={resolved.retain}, prune_layer={lp}, as_depth={delta}) "
+        f"(IPCVConfig.prune_layer / as_depth: l_p in [1, {depth - 1}], l_p + Δ <= {depth}).",
+        ShallowDefaultsWarning, stacklevel=5)
 
 
 @torch.no_grad()

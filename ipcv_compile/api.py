@@ -13,11 +13,12 @@ from ipcv_core.config import IPCVConfig
 from ipcv_core.segments import SegmentLayout
 
 from .extension import rewrite_module
+from .graph_utils import quiet_torch_deprecations
 from .locate import GraphMap, locate
 from .passes.ipcv_rewrite import IPCVRewritePass, RewriteReport, query_rows
 from .spec import LocateSpec
 
-__all__ = ["capture", "rewrite", "IPCVModule", "default_dynamic_shapes"]
+__all__ = ["capture", "rewrite", "IPCVModule", "default_dynamic_shapes", "CaptureError"]
 
 
 def default_dynamic_shapes(args: Sequence[Any], kwargs: Dict[str, Any], hidden_index: int, token_dim: int):
@@ -58,12 +59,50 @@ def capture(
     if dynamic_shapes is None:
         a, k = default_dynamic_shapes(args, kwargs, hidden_index, token_dim)
         dynamic_shapes = (*a, *k.values()) if not kwargs else {**_arg_names(module, a), **k}
-    with torch.no_grad():
-        ep = torch.export.export(module, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    gm = ep.module()
+    with torch.no_grad(), quiet_torch_deprecations():
+        try:
+            ep = torch.export.export(module, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as e:
+            hint = _dynamic_shapes_hint(e, args, hidden_index, token_dim)
+            if hint is None:
+                raise
+            raise CaptureError(hint) from e
+        gm = ep.module()
     gm.meta["ipcv_range_constraints"] = {str(k): str(v) for k, v in ep.range_constraints.items()}
     _returned_values_not_casts(gm)
     return gm
+
+
+class CaptureError(RuntimeError):
+    """``torch.export`` could not keep a dimension dynamic; the message says what to pass."""
+
+
+def _dynamic_shapes_hint(err: Exception, args: Sequence[Any], hidden_index: int, token_dim: int) -> Optional[str]:
+    """torch.export's "Constraints violated ... specialized it to be a constant" as an error naming
+    the cause and the ``dynamic_shapes`` to pass (``None`` for any other error)."""
+    text = str(err)
+    if "Constraints violated" not in text and "specialized it to be a constant" not in text:
+        return None
+    first = next((ln.strip() for ln in text.splitlines() if "specialized" in ln), text.splitlines()[0])
+    shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
+    hidden = args[hidden_index] if hidden_index < len(args) else None
+    batch = token_dim == 1 and isinstance(hidden, torch.Tensor) and hidden.dim() >= 2
+    per_input = ", ".join(
+        ("{0: batch, 1: tokens}" if batch and isinstance(a, torch.Tensor) and a.dim() >= 2 and a.shape[0] == hidden.shape[0]
+         and a.shape[1] == hidden.shape[1] else
+         "{%d: tokens}" % token_dim if isinstance(a, torch.Tensor) and a.dim() > token_dim
+         and a.shape[token_dim] == hidden.shape[token_dim] else "None")
+        for a in args) if isinstance(hidden, torch.Tensor) else "..."
+    return (
+        f"capture: torch.export could not keep a dimension of the example inputs dynamic ({first}). The "
+        f"default marks the token dimension ({token_dim}) of every input of the hidden states' token count "
+        f"dynamic, and the batch dimension of the hidden states only: an input that carries the batch too "
+        f"(per-token side inputs of shape (B, N, ...): rotary tables, masks) ties the batch to the example. "
+        f"Pass dynamic_shapes with one Dim per dimension shared by every input that has it, e.g.\n"
+        f"    from torch.export import Dim\n    batch, tokens = Dim('batch'), Dim('tokens')\n"
+        f"    rewrite(..., dynamic_shapes=({per_input}))   # example input shapes {shapes}\n"
+        f"with an example batch >= 2 (torch.export specialises a size of 1), or make those inputs batch-free "
+        f"((N, ...), broadcast inside the blocks).")
 
 
 _NO_OP_CASTS = (torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.alias.default)
@@ -214,7 +253,7 @@ def rewrite(
     the module: ``rewrite(model.visual, retain=0.35)``.  ``config``: an :class:`IPCVConfig`, or a
     number taken as ``retain``; ``overrides`` that name :class:`IPCVConfig` fields (``retain=0.35``,
     ``k=8``) replace those fields, the others are options of the module's rewriter (e.g. the towers'
-    ``cache_size``).
+    ``cache_size`` and ``feature_layers``).
     """
     fields = IPCVConfig.field_names()
     changes = {k: v for k, v in overrides.items() if k in fields}
@@ -260,4 +299,5 @@ def _fresh(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` (graph, attributes, hooks) that shares its parameters and buffers, so the
     rewrite can mutate the graph without touching the captured one or duplicating weights."""
     memo = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
-    return copy.deepcopy(gm, memo)
+    with quiet_torch_deprecations():
+        return copy.deepcopy(gm, memo)

@@ -8,12 +8,14 @@ import pathlib
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = ("ipcv_core", "ipcv_compile", "ipcv_adapters")
+PACKAGES = ("ipcv_core", "ipcv_compile", "ipcv_adapters", "ipcv")
 # package -> packages (or subpackages) it must never import
 FORBIDDEN = {
-    "ipcv_core": ("ipcv_compile", "ipcv_adapters", "benchmarks"),
-    "ipcv_compile": ("ipcv_adapters", "benchmarks"),
-    "ipcv_adapters": ("ipcv_adapters.app", "benchmarks"),  # outside the app itself
+    "ipcv_core": ("ipcv_compile", "ipcv_adapters", "benchmarks", "ipcv"),
+    "ipcv_compile": ("ipcv_adapters", "benchmarks", "ipcv"),
+    "ipcv_adapters": ("ipcv_adapters.app", "benchmarks", "ipcv"),  # outside the app itself
+    # `import ipcv`: the public API re-exported from the rooms below it, never the application layer
+    "ipcv": ("ipcv_adapters.app", "benchmarks"),
 }
 
 

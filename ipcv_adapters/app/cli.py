@@ -6,22 +6,28 @@
     ipcv trt-check MODEL --retain 0.35      # will torch-tensorrt convert it? (no GPU needed)
     ipcv demo [demo args]                   # = python -m ipcv_adapters.app.demo
 
-MODEL: ``tiny:qwen2-vl``, ``tiny:internvl``, ``tiny:dinov2``, ``tiny:siglip``, ``tiny:clip`` (random
-weights from a small config, 4 blocks, for trying things out), or a local folder / hub id of a
-Qwen2-VL, InternVL (HF-native ``*-hf``), DINOv2, SigLIP or CLIP checkpoint (its vision tower is used).
+MODEL: ``tiny:<family>`` (random weights from a small config, 4 blocks, for trying things out):
+``tiny:qwen2-vl``, ``tiny:qwen2.5-vl``, ``tiny:qwen3-vl``, ``tiny:qwen3.5``, ``tiny:internvl``,
+``tiny:dinov2``, ``tiny:siglip``, ``tiny:clip``, ``tiny:llava`` (the CLIP tower of a tiny LLaVA),
+``tiny:llava-onevision`` (its SigLIP tower); or a local folder / hub id of a checkpoint of any tower
+the adapter registry supports, or of a VLM holding one (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5,
+InternVL (HF-native ``*-hf``), LLaVA, LLaVA-OneVision, ...): its vision tower is used
+(:func:`ipcv_adapters.loading.load_tower`).
 
 What is exported: the whole vision tower with IPCV inside (patch embedding -> rewritten blocks ->
 final norm / merger), returning ``(last_hidden_state[, pooler_output])`` (the ONNX outputs carry
 these names).  Batched towers (DINOv2, InternVL tiles, SigLIP, CLIP) keep a dynamic batch, and a
 dynamic image size when the tower interpolates its position table (DINOv2, InternVL; SigLIP / CLIP
-files are for their native size; grid-aware ``--config`` variants for the example's size).  Qwen2-VL
-packs images into one sequence whose per-image keep counts are baked into the graph: the file is for
+files are for their native size; grid-aware ``--config`` variants for the example's size).  The Qwen
+family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) packs images into one sequence whose per-image keep counts are baked into the graph: the file is for
 one ``--grid`` layout, recorded in the file; ``ipcv_compile.backends.artifacts.load_artifact`` refuses another.
 
 A JSON sidecar ``PATH.json`` records the model, IPCV config, inputs, dynamic dims (by name:
 batch / height / width), the fixed layout and outputs.
 Exit codes: 0 ok, 2 usage error (unknown model / format / bad option or IPCV config), 3 backend
-unavailable (e.g. torch-tensorrt missing), 4 export / verification failed.
+unavailable (onnx / onnxscript / onnxruntime for ``--format onnx``, torch-tensorrt for ``trt``: checked
+before the model is loaded or captured; ``trt`` still runs its GPU-free graph check first), 4 export /
+verification failed.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ from .. import loading
 from ..loading import ModelLoadError, allowed_models
 
 FORMATS = {"onnx": "onnx", "pt2": "pt2", "trt": "tensorrt"}
+#: the Python modules each backend needs, and the extra that installs them (checked before any capture)
+BACKEND_MODULES = {"onnx": (("onnx", "onnxscript", "onnxruntime"), "pip install 'ipcv[onnx]'"),
+                   "pt2": ((), ""),
+                   "tensorrt": (("torch_tensorrt",), "pip install 'ipcv[tensorrt]' (torch-tensorrt; needs a CUDA build of torch)")}
+EXIT_USAGE, EXIT_BACKEND, EXIT_FAILED = 2, 3, 4
 VERIFY_TOL = 1e-4  # relative (max-abs error / max-abs reference), fp32
 
 
@@ -123,29 +134,27 @@ def _parse_grid(s: str) -> List[int]:
     return [t, h, w]
 
 
-def example_inputs(tower, rt, args, kind: str):
-    """``(export module, example pixel input, description dict)`` for the tower."""
+def example_call(tower, rt, args, kind: str):
+    """``(example pixel input, fixed keyword inputs, description dict)`` for a call of the tower:
+    packed towers (the Qwen family) get a ``grid_thw`` layout (``--grid``), batched ones a batch of
+    ``--image-size`` images."""
     import torch
-
-    from ipcv_adapters.export import TowerForExport
 
     ad = rt.adapter
     gen = torch.Generator().manual_seed(0)
+    cfg = tower.config
     if ad.packed:
-        if ad.name != "qwen2_vl":
-            raise CLIError(f"exporting packed tower {ad.name!r} is not supported yet")
-        cfg = tower.config
+        merge = int(getattr(cfg, "spatial_merge_size", 1))
         grids = args.grid or ([[1, 4, 6], [1, 4, 4]] if kind == "tiny" else [[1, 32, 32]])
         for t, h, w in grids:
-            if h % cfg.spatial_merge_size or w % cfg.spatial_merge_size:
-                raise CLIError(f"--grid {t},{h},{w}: H and W must be multiples of spatial_merge_size={cfg.spatial_merge_size}")
+            if min(t, h, w) < 1 or h % merge or w % merge:
+                raise CLIError(f"--grid {t},{h},{w}: T, H, W must be >= 1 and H, W multiples of "
+                               f"spatial_merge_size={merge}")
         thw = torch.tensor(grids, dtype=torch.long)
         n = int(sum(t * h * w for t, h, w in grids))
-        dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        dim = int(getattr(cfg, "in_channels", 3)) * int(cfg.temporal_patch_size) * int(cfg.patch_size) ** 2
         x = torch.randn(n, dim, generator=gen)
-        mod = TowerForExport(rt, (x,), {"grid_thw": thw})
-        return mod, x, {"pixel_values": [n, dim], "grid_thw (baked in)": grids}
-    cfg = tower.config
+        return x, {"grid_thw": thw}, {"pixel_values": [n, dim], "grid_thw (baked in)": grids}
     native = _first(getattr(cfg, "image_size", 224))
     size = args.image_size or native
     patch = _first(getattr(cfg, "patch_size", 14))
@@ -155,13 +164,24 @@ def example_inputs(tower, rt, args, kind: str):
     fixed = {}
     if size != native and "interpolate_pos_encoding" in inspect.signature(rt.adapter.prepare).parameters:
         fixed["interpolate_pos_encoding"] = True  # SigLIP / CLIP: other sizes only by interpolation
+    return x, fixed, {"pixel_values": list(x.shape), **({"fixed": fixed} if fixed else {})}
+
+
+def example_inputs(tower, rt, args, kind: str):
+    """``(export module, example pixel input, description dict)`` for the tower."""
+    import torch
+
+    from ipcv_adapters.export import TowerForExport
+
+    x, fixed, desc = example_call(tower, rt, args, kind)
     try:
         mod = TowerForExport(rt, (x,), fixed)
         with torch.no_grad():
             mod(x)
-    except (ValueError, RuntimeError) as e:
-        raise CLIError(f"{type(tower).__name__} cannot run a {size} px image: {e}")
-    return mod, x, {"pixel_values": list(x.shape), **({"fixed": fixed} if fixed else {})}
+    except (ValueError, RuntimeError, NotImplementedError) as e:
+        what = f"the layout {desc.get('grid_thw (baked in)')}" if rt.adapter.packed else f"a {x.shape[-1]} px image"
+        raise CLIError(f"{type(tower).__name__} cannot run {what}: {e}")
+    return mod, x, desc
 
 
 def _first(v) -> int:
@@ -185,6 +205,21 @@ def _rel_err(a, b) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
+def missing_backend(backend: str) -> Optional[str]:
+    """``None`` when ``backend``'s Python modules import, else a message naming the missing one and
+    the extra that installs it (the CLI checks this before loading or capturing anything)."""
+    import importlib
+
+    modules, extra = BACKEND_MODULES.get(backend, ((), ""))
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            return (f"--format {backend} needs the Python module {name!r}, which cannot be imported "
+                    f"({type(e).__name__}: {e}); install it with: {extra}")
+    return None
+
+
 # --------------------------------------------------------------------------------------------- commands
 def cmd_export(args) -> int:
     import torch
@@ -193,6 +228,12 @@ def cmd_export(args) -> int:
     from ipcv_compile.lower import LoweringError, BackendUnavailable
 
     backend = FORMATS[args.format]
+    missing = missing_backend(backend)
+    if missing and backend != "tensorrt":
+        raise CLIError(missing, code=EXIT_BACKEND)
+    if missing:  # the engine cannot be built; the GPU-free graph check still says whether it would convert
+        print(f"ipcv export: {missing}. Running the TensorRT graph check only (no engine is built), then "
+              f"exiting with {EXIT_BACKEND}; `ipcv trt-check MODEL` runs the check alone.", file=sys.stderr, flush=True)
     prog = Progress(4 if backend == "tensorrt" or not args.no_verify else 3, quiet=args.quiet)
     prog.start(f"loading {args.model}")
     tower, kind = load_tower(args.model)
@@ -217,6 +258,8 @@ def cmd_export(args) -> int:
         if not report.ok:
             return 4
         prog.start("building the TensorRT engine")
+        if missing:
+            raise CLIError(missing, code=EXIT_BACKEND)
         try:
             lowered = ipcv_compile.lower(module, "tensorrt", (x,), path=out, save=True)
         except BackendUnavailable as e:
@@ -300,10 +343,17 @@ def _rewritten_example(args):
 def cmd_inspect(args) -> int:
     import torch
 
-    tower, rt, module, x = _rewritten_example(args)
-    print(f"model: {args.model} ({type(tower).__name__}); example pixel_values {list(x.shape)}")
-    with torch.no_grad():
-        print(rt.summary(example=((x,), dict(module.fixed_kwargs))))
+    tower, kind = load_tower(args.model)
+    rt = rewrite_tower(tower, ipcv_config(args, kind))
+    x, fixed, _ = example_call(tower, rt, args, kind)
+    print(f"model: {args.model} ({type(tower).__name__}); example pixel_values {list(x.shape)}"
+          + (f", grid_thw {fixed['grid_thw'].tolist()}" if "grid_thw" in fixed else ""))
+    try:
+        with torch.no_grad():
+            text = rt.summary(example=((x,), fixed))
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(f"{type(tower).__name__} cannot run the example: {e}")
+    print(text)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 
 import torch
 
@@ -39,6 +40,20 @@ def main(argv=None) -> int:
     if args.size % 14:
         ap.error(f"--size must be a multiple of the patch size 14, got {args.size}")
 
+    missing = []
+    if args.model == DEFAULT_MODEL and not os.path.isdir(args.model):
+        missing.append(f"DINOv2-S weights at {args.model}")
+    if not os.path.isdir(args.images):
+        missing.append(f"images at {args.images}")
+    if missing:
+        print(f"ipcv demo: cannot find {' and '.join(missing)}.\n"
+              "The demo runs real DINOv2-S weights on real images. In the repository they come from the "
+              "../shared folder beside the checkout (weights/dinov2-small, data/imagenet-samples); installed as a "
+              "library, point the demo at your own:\n"
+              "    ipcv demo --model PATH_OR_HUB_ID_OF_A_DINOV2_CHECKPOINT --images DIR_OF_IMAGES\n"
+              "(e.g. --model facebook/dinov2-small downloads it from the Hugging Face hub). To try ipcv without "
+              "weights: ipcv inspect tiny:dinov2", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     model = load_dinov2(args.model)
     x = load_images(list_images(args.images, args.num_images), args.size)

@@ -11,10 +11,12 @@ The tensor math is :mod:`ipcv_core.llm_prune`; this package holds the model know
 """
 
 from .cache import LLMPruneCache, PruneState
-from .families import LLMFamily, UnsupportedVLMError, families, find_family, register_family, token_runs
+from .families import (
+    LLMFamily, UnsupportedVLMError, families, find_family, register_family, supported_models, token_runs,
+)
 from .install import Installation, compress, installed, uninstall
 
 __all__ = [
     "compress", "uninstall", "installed", "Installation", "LLMPruneCache", "PruneState",
-    "LLMFamily", "UnsupportedVLMError", "families", "find_family", "register_family", "token_runs",
+    "LLMFamily", "UnsupportedVLMError", "families", "find_family", "register_family", "supported_models", "token_runs",
 ]

@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 import torch
 from torch import nn
 
-__all__ = ["LLMFamily", "register_family", "find_family", "families", "UnsupportedVLMError", "token_runs"]
+__all__ = ["LLMFamily", "register_family", "find_family", "families", "supported_models", "UnsupportedVLMError",
+           "token_runs"]
 
 Span = Tuple[int, int]
 
@@ -99,6 +100,10 @@ class LLMFamily:
     def set_tower(self, tower: nn.Module) -> None:
         self._set(self.model, self.tower_path, tower)
 
+    def check(self, llm: str, layer: int) -> None:
+        """Raise, saying why, when ``llm`` pruning from decoder layer ``layer`` cannot be installed on
+        this model (beyond what :func:`~.install.compress` checks for every family)."""
+
     # ------------------------------------------------------------------ spans
     def spans(self, inputs: Dict[str, Any]) -> List[List[Span]]:
         """Per batch row, the ``(start, n)`` spans of visual tokens (one per image / video frame), in
@@ -123,13 +128,17 @@ def families() -> Tuple[Type[LLMFamily], ...]:
     return tuple(_FAMILIES)
 
 
+def supported_models() -> List[str]:
+    """The ``...ForConditionalGeneration`` class names LLM-side pruning supports."""
+    return sorted(c for f in _FAMILIES for c in f.model_classes)
+
+
 def find_family(model: nn.Module) -> LLMFamily:
     for cls in _FAMILIES:
         if cls.matches(model):
             return cls(model)
-    supported = sorted(c for f in _FAMILIES for c in f.model_classes)
     raise UnsupportedVLMError(
-        f"LLM-side pruning does not know {_class_name(model)}; supported: {supported}. Add a family: subclass "
+        f"LLM-side pruning does not know {_class_name(model)}; supported: {supported_models()}. Add a family: subclass "
         "ipcv_adapters.llm.LLMFamily (tower_path, spans) and decorate it with @ipcv_adapters.llm.register_family."
     )
 
@@ -191,7 +200,7 @@ class Qwen2VLFamily(LLMFamily):
         vgrid = inputs.get("video_grid_thw")
         pos = inputs.get("position_ids")
         if vgrid is not None:
-            frames = _split_by_counts(vid_runs, [[int(h * w) // merge ** 2] * int(t) for t, h, w in vgrid.tolist()], "video")
+            frames = _split_by_counts(vid_runs, self.video_pieces(vgrid, merge), "video")
         elif pos is not None and pos.dim() == 3 and pos.shape[0] in (3, 4):
             temporal = pos[-3]  # (B, L): rows 1.. of the 4-row generate positions / row 0 of 3-row ones
             frames = []
@@ -207,6 +216,35 @@ class Qwen2VLFamily(LLMFamily):
             row.sort()
         return out
 
+    def video_pieces(self, vgrid: torch.Tensor, merge: int) -> List[List[int]]:
+        """Per video token run (in order), the frame lengths it holds: Qwen2-VL / Qwen2.5-VL put a
+        whole video in one run."""
+        return [[int(h * w) // merge ** 2] * int(t) for t, h, w in vgrid.tolist()]
+
+
+@register_family
+class Qwen3VLFamily(Qwen2VLFamily):
+    """Qwen3-VL and Qwen3.5: as Qwen2-VL, except that every temporal patch of a video is its own run
+    of ``video_token_id`` (the processor puts a timestamp between frames), and Qwen3-VL's *deepstack*
+    adds the tower's intermediate features to the visual positions of the hidden states after
+    decoder layers ``0 .. len(deepstack_visual_indexes) - 1``: those layers must see every visual
+    token, so ``llm_layer`` must be at least that count.  Qwen3.5's linear-attention (Gated
+    DeltaNet) decoder layers cannot skip tokens: pruning needs full attention from layer K-1 on."""
+
+    model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3_5ForConditionalGeneration")
+
+    def video_pieces(self, vgrid: torch.Tensor, merge: int) -> List[List[int]]:
+        return [[int(h * w) // merge ** 2] for t, h, w in vgrid.tolist() for _ in range(int(t))]
+
+    def check(self, llm: str, layer: int) -> None:
+        deepstack = getattr(self.model.config.vision_config, "deepstack_visual_indexes", None) or ()
+        if layer < len(deepstack):
+            raise ValueError(
+                f"compress: llm_layer must be >= {len(deepstack)} for {type(self.model).__name__}: its deepstack adds "
+                f"visual features to the hidden states of every visual token after decoder layers 0..{len(deepstack) - 1} "
+                f"(vision_config.deepstack_visual_indexes = {list(deepstack)}), so {llm} may prune from layer "
+                f"{len(deepstack)} on; got {layer}")
+
 
 @register_family
 class InternVLFamily(LLMFamily):
@@ -221,3 +259,26 @@ class InternVLFamily(LLMFamily):
         valid = _valid_rows(ids, inputs.get("attention_mask"))
         tok = self.model.config.image_token_id
         return [token_runs((ids[r] == tok) & valid[r]) for r in range(ids.shape[0])]
+
+
+@register_family
+class LlavaFamily(LLMFamily):
+    """LLaVA (``LlavaForConditionalGeneration``, LLaVA-1.5) and LLaVA-OneVision: every run of
+    ``image_token_id`` is one image (OneVision: all its AnyRes tiles and newline tokens), and every
+    run of ``video_token_id`` one video (OneVision), one span each."""
+
+    model_classes = ("LlavaForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
+    tower_path = "model.vision_tower"
+
+    def spans(self, inputs: Dict[str, Any]) -> List[List[Span]]:
+        ids = inputs["input_ids"]
+        valid = _valid_rows(ids, inputs.get("attention_mask"))
+        cfg = self.model.config
+        toks = [t for t in (getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None)) if t is not None]
+        out = []
+        for r in range(ids.shape[0]):
+            row = []
+            for tok in toks:
+                row += token_runs((ids[r] == tok) & valid[r])
+            out.append(sorted(row))
+        return out

@@ -43,7 +43,7 @@ from ipcv_core.llm_prune import (
 
 from . import attention as _attention
 from .cache import LLMPruneCache, PruneState
-from .families import LLMFamily, find_family
+from .families import LLMFamily, UnsupportedVLMError, find_family, supported_models
 
 __all__ = ["compress", "uninstall", "installed", "Installation"]
 
@@ -60,14 +60,17 @@ class Settings:
 
 @dataclass
 class Installation:
-    """What ``compress`` changed on a model (so that it can be undone); not per-call state."""
+    """What ``compress`` changed on a model (so that it can be undone); not per-call state.
+    ``family`` is ``None`` when only the vision tower was compressed (``llm=None``) on a VLM whose
+    language model LLM-side pruning does not know."""
 
-    family: LLMFamily
+    family: Optional[LLMFamily]
     settings: Settings
     vit_config: Optional[IPCVConfig]
     original_tower: Optional[nn.Module] = None
     original_attn: Optional[str] = None
     handles: List[Any] = field(default_factory=list)
+    tower_path: Optional[str] = None
 
 
 def installed(model: nn.Module) -> Optional[Installation]:
@@ -82,11 +85,49 @@ def uninstall(model: nn.Module) -> nn.Module:
     for h in inst.handles:
         h.remove()
     if inst.original_tower is not None:
-        inst.family.set_tower(inst.original_tower)
+        _set_path(model, inst.tower_path, inst.original_tower)
     if inst.original_attn is not None:
         model.set_attn_implementation({_text_config_key(model): inst.original_attn})
     delattr(model, _ATTR)
     return model
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _set_path(obj: Any, path: str, value: Any) -> None:
+    *head, last = path.split(".")
+    for part in head:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+# where ...ForConditionalGeneration models keep their vision tower (transformers 5), for VLMs that no
+# LLM family describes
+_TOWER_PATHS = ("model.visual", "model.vision_tower", "model.vision_model", "visual", "vision_tower", "vision_model")
+
+
+def find_tower_path(model: nn.Module, family: Optional[LLMFamily] = None) -> str:
+    """The attribute path of ``model``'s vision tower: the family's, else the first of the usual
+    places that holds a tower an ipcv adapter supports (an ``UnsupportedVLMError`` naming the
+    supported towers when none does)."""
+    from ..registry import adapters, supported_towers
+    from ..tower import IPCVTower
+
+    if family is not None and family.tower_path:
+        return family.tower_path
+    for path in _TOWER_PATHS:
+        sub = _get_path(model, path)
+        if isinstance(sub, IPCVTower) or (isinstance(sub, nn.Module) and any(a.matches(sub) for a in adapters())):
+            return path
+    raise UnsupportedVLMError(
+        f"compress: no vision tower ipcv supports in {type(model).__name__} (looked at .{', .'.join(_TOWER_PATHS)}); "
+        f"supported towers: {[c.rpartition('.')[2] for c in supported_towers()]}")
 
 
 def _text_config_key(model: nn.Module) -> str:
@@ -127,6 +168,13 @@ def compress(model: nn.Module, vit_retain: Optional[float] = 0.35, llm: Optional
         dart_image_pivots / dart_text_pivots: DART's pivots per span (paper: 4 + 4);
         dart_pivot_norm: the p of the key norm that picks pivots (DART's code: 1).
 
+    The tower is found where the family keeps it, else at ``model.visual`` / ``model.vision_tower`` /
+    ... (any VLM holding a supported tower: ``llm=None`` always works there); the VLM's
+    ``vision_feature_layer`` is passed to the rewrite (``feature_layers``), so LLaVA's -2 is captured
+    once.  ``llm="dart"`` / ``"fastv"`` need a family (:func:`~.families.supported_models`: Qwen2-VL,
+    Qwen2.5-VL, Qwen3-VL, Qwen3.5, InternVL, LLaVA, LLaVA-OneVision); another VLM raises
+    :class:`~.families.UnsupportedVLMError` naming it and the supported ones.
+
     Calling ``compress`` again replaces the previous installation; :func:`uninstall` removes it.
     """
     if llm not in (None,) + LLM_METHODS:
@@ -136,9 +184,22 @@ def compress(model: nn.Module, vit_retain: Optional[float] = 0.35, llm: Optional
         vit_retain = _check_retain("vit_retain", vit_retain)
     if vit_config is not None and not isinstance(vit_config, IPCVConfig):
         raise TypeError(f"compress: vit_config must be an IPCVConfig or None, got {type(vit_config).__name__}")
-    family = find_family(model)
-    n_layers = len(family.layers)
+    family = None
     if llm is not None:
+        try:
+            family = find_family(model)
+        except UnsupportedVLMError as e:
+            raise UnsupportedVLMError(
+                f"compress(llm={llm!r}): LLM-side pruning does not support {type(model).__name__} (its language model's "
+                f"visual-token spans / layers are not described); supported: {supported_models()}. "
+                f"compress(model, llm=None) compresses its vision tower only.") from e
+    else:
+        try:
+            family = find_family(model)
+        except UnsupportedVLMError:
+            family = None
+    if llm is not None:
+        n_layers = len(family.layers)
         if isinstance(llm_layer, bool) or not isinstance(llm_layer, int) or not 1 <= llm_layer < n_layers:
             raise ValueError(
                 f"compress: llm_layer must be an int in [1, num_layers - 1] = [1, {n_layers - 1}] for this model "
@@ -149,19 +210,25 @@ def compress(model: nn.Module, vit_retain: Optional[float] = 0.35, llm: Optional
         if not (dart_pivot_norm > 0):
             raise ValueError(f"compress: dart_pivot_norm must be > 0, got {dart_pivot_norm!r}")
         _check_llm_supported(family, llm, llm_layer)
+        family.check(llm, llm_layer)
+    compress_vit = vit_retain is not None and vit_retain < 1.0
+    tower_path = find_tower_path(model, family) if compress_vit else None
 
     uninstall(model)
     settings = Settings(llm, llm_retain, llm_layer, (("image_pivots", dart_image_pivots),
                                                       ("text_pivots", dart_text_pivots), ("norm_p", dart_pivot_norm)))
-    inst = Installation(family, settings, vit_config)
+    inst = Installation(family, settings, vit_config, tower_path=tower_path)
     try:
-        if vit_retain is not None and vit_retain < 1.0:
+        if compress_vit:
             import ipcv_compile
 
-            tower = family.get_tower()
+            tower = _get_path(model, tower_path)
             cfg = (vit_config.replace(retain=vit_retain) if vit_config is not None else IPCVConfig(retain=vit_retain))
+            # the feature layer the VLM reads from the tower on every call (LLaVA: -2), captured now
+            feature = getattr(model.config, "vision_feature_layer", None)
+            opts = {"feature_layers": feature} if feature is not None else {}
             inst.original_tower = tower
-            family.set_tower(ipcv_compile.rewrite(tower, cfg))
+            _set_path(model, tower_path, ipcv_compile.rewrite(tower, cfg, **opts))
         if llm is not None:
             if llm == "fastv":
                 base = family.text_config._attn_implementation
