@@ -12,11 +12,19 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 VVENV := .venv-vllm
 VSTAMP := $(VVENV)/.ipcv-installed
 
-$(VSTAMP): pyproject.toml scripts/setup_vllm.sh
+$(VSTAMP): pyproject.toml scripts/setup_vllm.sh scripts/torchvision_cpu_shim.py
 	PY=$(PY) bash scripts/setup_vllm.sh
 	touch $(VSTAMP)
 
-.PHONY: setup setup-vllm demo test test-vllm bench
+# lmms-eval (its torchvision is a CUDA build; see scripts/setup_eval.sh): a venv of its own
+EVENV := .venv-eval
+ESTAMP := $(EVENV)/.ipcv-installed
+
+$(ESTAMP): pyproject.toml scripts/setup_eval.sh scripts/torchvision_cpu_shim.py
+	PY=$(PY) bash scripts/setup_eval.sh
+	touch $(ESTAMP)
+
+.PHONY: setup setup-vllm demo test test-vllm test-eval bench
 setup: $(STAMP)
 
 setup-vllm: $(VSTAMP)
@@ -29,6 +37,9 @@ test: $(STAMP)
 
 test-vllm: $(VSTAMP)
 	$(VVENV)/bin/python -m pytest -q tests_vllm
+
+test-eval: $(ESTAMP)
+	$(EVENV)/bin/python -m pytest -q tests_eval
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -25,35 +25,7 @@ $V/bin/python -m pip uninstall -y -q torchaudio torchcodec >/dev/null 2>&1 || tr
 $V/bin/python -m pip install -q --no-deps -e .
 $V/bin/python -m pip install -q "pytest>=8" "pillow>=10" "requests>=2" "tokenizers" "safetensors>=0.4"
 site=$($V/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-cat > "$site/_ipcv_torchvision_cpu_shim.py" <<'PYEOF'
-"""Start-up hook of .venv-vllm (written by scripts/setup_vllm.sh). The registry's torchvision is a CUDA
-build whose native ops do not load on a CPU-only machine; its Python code registers fake kernels for
-torchvision::nms / qnms at import and fails if the schemas do not exist. When torchvision is first
-imported (not before: no cost for other programs), define the two schemas, with no kernel, so its
-pure-Python transforms import (transformers' video processors use them). Calling nms would raise;
-nothing on the vLLM / ipcv paths does."""
-import sys
-
-_KEEP = []  # the torch.library.Library must stay alive, or its definitions go with it
-
-
-class _DefineTorchvisionSchemas:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torchvision":
-            sys.meta_path.remove(self)
-            try:
-                import torch
-
-                lib = torch.library.Library("torchvision", "DEF")
-                lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-                lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-                _KEEP.append(lib)
-            except Exception:  # defined already (a working torchvision build): nothing to do
-                pass
-        return None  # the normal finders import it
-
-
-sys.meta_path.insert(0, _DefineTorchvisionSchemas())
-PYEOF
+# the torchvision start-up hook (see scripts/torchvision_cpu_shim.py), imported by a .pth line
+cp scripts/torchvision_cpu_shim.py "$site/_ipcv_torchvision_cpu_shim.py"
 echo "import _ipcv_torchvision_cpu_shim" > "$site/_ipcv_torchvision_cpu_shim.pth"
 $V/bin/python -c "import vllm, ipcv_compile, torch, transformers; print('vllm env: vllm', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
