@@ -141,14 +141,27 @@ def test_compile_batched_tower_no_graph_breaks_beyond_vanilla(name):
     """Batched towers compile whole: as many graph breaks as the vanilla tower (before: +2 for the
     compile cache's lock), fullgraph=True works, and the compiled tower equals the eager rewrite on
     a new batch size (and, where the tower interpolates positions, a new image size)."""
-    t = tiny_tower(name)
-    rt = ipcv_compile.rewrite(t, TINY_IPCV)
-    _, kw = tower_inputs(name, batch=2)
-    with torch.no_grad():
-        vanilla = torch._dynamo.explain(t)(**kw).graph_break_count
-        torch._dynamo.reset()
-        ours = torch._dynamo.explain(rt)(**kw).graph_break_count
+    # graph-break counts in a fresh interpreter: dynamo's caches and recompile limits are per process,
+    # and frames shared with earlier tests (the towers' layers, attention functions) would count there
+    script = textwrap.dedent(f"""
+        import warnings, torch
+        warnings.filterwarnings("ignore")
+        import ipcv_compile
+        from ipcv_adapters.testing import TINY_IPCV, tiny_tower, tower_inputs
+        t = tiny_tower({name!r})
+        rt = ipcv_compile.rewrite(t, TINY_IPCV)
+        _, kw = tower_inputs({name!r}, batch=2)
+        with torch.no_grad():
+            vanilla = torch._dynamo.explain(t)(**kw).graph_break_count
+            torch._dynamo.reset()
+            ours = torch._dynamo.explain(rt)(**kw).graph_break_count
+        print("BREAKS", vanilla, ours)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    vanilla, ours = (int(v) for v in p.stdout.split("BREAKS")[-1].split())
     assert ours == vanilla == 0
+    rt = ipcv_compile.rewrite(tiny_tower(name), TINY_IPCV)
     torch._dynamo.reset()
     c = torch.compile(rt, backend="aot_eager", fullgraph=True)
     cases = [tower_inputs(name, batch=2, seed=1)[1], tower_inputs(name, batch=3, seed=2)[1]]
