@@ -47,36 +47,41 @@ METADATA_KEY = "ipcv"  # key of the JSON metadata in the ONNX file / the pt2 ext
 # TowerForExport's embedding is traced, lets an export take that path (identical numbers at the
 # native size: bicubic resampling onto the same grid).
 _tls = threading.local()
-_jit_is_tracing = None
-
-
-def _install_tracing_switch() -> None:
-    global _jit_is_tracing
-    if _jit_is_tracing is not None:
-        return
-    orig = torch.jit.is_tracing
-
-    def is_tracing() -> bool:
-        return bool(getattr(_tls, "on", False)) or orig()
-
-    is_tracing.__doc__ = orig.__doc__
-    is_tracing.__wrapped__ = orig  # type: ignore[attr-defined]
-    _jit_is_tracing = orig
-    torch.jit.is_tracing = is_tracing
+_switch_lock = threading.Lock()
+_switch = {"depth": 0, "orig": None}  # the switch is installed only while some export traces an embedding
 
 
 @contextlib.contextmanager
 def _interpolating():
+    """While exporting: ``torch.jit.is_tracing()`` answers True in this thread (HF's interpolation
+    path). The switch is installed for the outermost such export and removed after it, so no
+    wrapped ``torch.jit.is_tracing`` outlives an export (torch.compile, other code see torch's own)."""
     if not torch.compiler.is_exporting():
         yield
         return
-    _install_tracing_switch()
+    with _switch_lock:
+        if _switch["depth"] == 0:
+            orig = torch.jit.is_tracing
+
+            def is_tracing() -> bool:
+                return bool(getattr(_tls, "on", False)) or orig()
+
+            is_tracing.__doc__ = orig.__doc__
+            is_tracing.__wrapped__ = orig  # type: ignore[attr-defined]
+            _switch["orig"] = orig
+            torch.jit.is_tracing = is_tracing
+        _switch["depth"] += 1
     prev = getattr(_tls, "on", False)
     _tls.on = True
     try:
         yield
     finally:
         _tls.on = prev
+        with _switch_lock:
+            _switch["depth"] -= 1
+            if _switch["depth"] == 0:
+                torch.jit.is_tracing = _switch["orig"]
+                _switch["orig"] = None
 
 
 #: the submodule name of the in-graph layout check (the onnx backend names its failing node after it)

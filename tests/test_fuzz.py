@@ -34,7 +34,8 @@ def test_differential_fuzz():
     assert not s.failures, report
     assert s.checks.get("driver", 0) >= 0.75 * n, report  # the checks really ran (few configs refused)
     assert s.checks.get("r1", 0) >= 0.75 * n and s.checks.get("isolation", 0) >= 0.3 * n, report
-    assert s.ties <= 0.02 * n, report
+    assert s.ties - s.onnx_skips <= 0.02 * n, report  # numeric near-ties at a K boundary
+    assert s.onnx_skips <= 0.05 * n, report  # a documented rule skipped an export; the check went to a later case
     if n > 40:  # a case the rewrite refuses (or a tie rule skips) passes its extra check on to the next
         assert s.checks.get("compile", 0) == 3 and s.checks.get("onnx_layout", 0) >= 2, report  # (+ packed onnx cases)
 
