@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (smoke test, not a GPU measurement)"
     _log(f"{dev}; building a Qwen2-VL-7B-sized vision tower ({args.depth} blocks, random {args.dtype} weights)")
     tower = build_tower(args.depth, dtype, device)
-    cfg0 = IPCVConfig()
+    cfg0 = IPCVConfig.paper()
     if args.depth < cfg0.as_end:
         cfg0 = cfg0.replace(prune_layer=1, as_depth=max(0, min(cfg0.as_depth, args.depth - 2)))
     base = ipcv_compile.rewrite(tower, cfg0.replace(retain=1.0))

@@ -95,6 +95,7 @@ def flop_bound(cfg, grids, tower_cfg, counted_vanilla: float, windows=None) -> f
     vanilla blocks), over vanilla's counted FLOPs.  ``windows``: per frame the window lengths."""
     from ipcv_core.config import num_keep
     from ipcv_core.cost import ModelDims, ffn_flops, ngr_flops, knn_flops
+    from ipcv_core.schedule import Schedule
 
     width = tower_cfg.get("embed_dim", tower_cfg.get("hidden_size"))
     mlp = tower_cfg.get("intermediate_size")
@@ -110,12 +111,12 @@ def flop_bound(cfg, grids, tower_cfg, counted_vanilla: float, windows=None) -> f
             k = num_keep(n, cfg.retain) if pruned else n
             if pruned:
                 total += knn_flops(n - k, k, d) + ngr_flops(n - k, k, cfg.k, d, evaluations=cfg.as_depth + 1)
-            for b in range(depth):
-                after = pruned and b >= cfg.prune_layer
+            for plan in Schedule.build(cfg, depth):
+                after = pruned and plan.pruned
                 q = k if after else n
-                kv = n if (after and b < cfg.as_end) else q
+                kv = n if (after and plan.as_block) else q
                 total += 4.0 * q * d.dim ** 2 + 4.0 * kv * d.dim ** 2 + ffn_flops(q, d)
-                pairs = q * kv if (after or b in full_att) else sum(w * w for w in ws)
+                pairs = q * kv if (after or plan.index in full_att) else sum(w * w for w in ws)
                 total += 4.0 * pairs * d.dim
         return total
 

@@ -34,6 +34,7 @@ from torch import nn
 from ipcv_compile.spec import LocateSpec
 from ipcv_core.config import PAPER_DEFAULTS, IPCVConfig
 from ipcv_core.driver import Block
+from ipcv_core.schedule import Schedule
 from ipcv_core.segments import SegmentLayout
 
 __all__ = [
@@ -186,10 +187,15 @@ class TowerAdapter(ABC):
         """:func:`pop_output_request` with this tower's config and depth."""
         return pop_output_request(kwargs, self.tower.config, self.depth)
 
+    def schedule(self, config: IPCVConfig, taps: Sequence[int] = ()) -> Schedule:
+        """``config`` laid out over this tower's blocks: fields left ``None`` take
+        :attr:`default_config` clipped to the depth; explicit fields that do not fit the depth raise,
+        naming the field."""
+        return Schedule.build(config, self.depth, self.default_config, taps)
+
     def resolve_config(self, config: IPCVConfig) -> IPCVConfig:
-        """``config`` for this tower: fields left ``None`` take :attr:`default_config` clipped to the
-        depth; explicit fields that do not fit the depth raise, naming the field."""
-        return config.resolve(self.depth, self.default_config)
+        """``config`` for this tower (:meth:`schedule`'s resolved config)."""
+        return self.schedule(config).config
 
     # ------------------------------------------------------------------ recognition
     @classmethod
@@ -274,10 +280,29 @@ class TowerAdapter(ABC):
 
 
 # ---------------------------------------------------------------------------------------------
+def module_view(module: nn.Module, children: Optional[Dict[str, nn.Module]] = None, **attrs: Any) -> nn.Module:
+    """A structural copy of ``module``: a new module object whose registries (its own dicts) hold the
+    same parameters, buffers and submodules, ``children`` replacing some submodules, with instance
+    attributes ``attrs``.  ``module`` and its tensors are untouched; the view follows in-place
+    changes of the tensors (``.data``, optimiser steps), not reassignments made after it was built."""
+    c = copy.copy(module)
+    object.__setattr__(c, "_parameters", dict(module._parameters))
+    object.__setattr__(c, "_buffers", dict(module._buffers))
+    object.__setattr__(c, "_modules", {**module._modules, **(children or {})})
+    for k, v in attrs.items():
+        object.__setattr__(c, k, v)
+    return c
+
+
+_HOOK_REGISTRIES = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+                    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
 def attention_shell(module: nn.Module, attn_implementation: str, memo: Optional[dict] = None) -> nn.Module:
-    """A structural copy of ``module`` that shares every parameter and buffer with it, in which each
-    submodule holding a transformers ``config`` sees a *copy* of that config with
-    ``_attn_implementation = attn_implementation``.
+    """A structural copy of ``module`` (:func:`module_view`, recursively) that shares every
+    parameter and buffer with it, in which each submodule holding a transformers ``config`` sees a
+    *copy* of that config with ``_attn_implementation = attn_implementation``.
 
     This selects the attention function used when the block stack is captured (SDPA, or the masked
     varlen function of :mod:`ipcv_adapters.attention`) without touching the user's tower: the
@@ -285,27 +310,16 @@ def attention_shell(module: nn.Module, attn_implementation: str, memo: Optional[
     Hooks are not carried over (the capture sees the bare blocks); the copy is in eval mode.
     """
     memo = {} if memo is None else memo
-    c = copy.copy(module)
-    c.__dict__["_parameters"] = dict(module._parameters)
-    c.__dict__["_buffers"] = dict(module._buffers)
-    c.__dict__["_modules"] = {
-        k: (attention_shell(v, attn_implementation, memo) if v is not None else None) for k, v in module._modules.items()
-    }
-    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-                  "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-                  "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
-                  "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
-        if hooks in module.__dict__:
-            c.__dict__[hooks] = OrderedDict()
+    children = {k: attention_shell(v, attn_implementation, memo) for k, v in module._modules.items() if v is not None}
+    attrs: Dict[str, Any] = {h: OrderedDict() for h in _HOOK_REGISTRIES if h in module.__dict__}
     cfg = module.__dict__.get("config")
     if cfg is not None and hasattr(cfg, "_attn_implementation"):
         if id(cfg) not in memo:
             cc = copy.deepcopy(cfg)
             cc._attn_implementation = attn_implementation
             memo[id(cfg)] = cc
-        c.__dict__["config"] = memo[id(cfg)]
-    c.__dict__["training"] = False
-    return c
+        attrs["config"] = memo[id(cfg)]
+    return module_view(module, children, training=False, **attrs)
 
 
 def shells(blocks: Sequence[nn.Module], attn_implementation: str) -> nn.ModuleList:

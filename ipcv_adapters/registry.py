@@ -108,9 +108,9 @@ def rewrite_with_adapter(tower: nn.Module, config: Optional[IPCVConfig] = None, 
     if feature_layers is not None:
         adapter.set_feature_layers(feature_layers)
     config = config or IPCVConfig()
-    resolved = adapter.resolve_config(config)
-    warn_if_clipped(type(tower).__name__, adapter, config, resolved)
-    return IPCVTower(tower, adapter, resolved, cache_size=cache_size)
+    rewritten = IPCVTower(tower, adapter, config, cache_size=cache_size)
+    warn_if_clipped(type(tower).__name__, adapter, config, rewritten.ipcv_config)
+    return rewritten
 
 
 class ShallowDefaultsWarning(UserWarning):
@@ -156,7 +156,7 @@ def run_eager(tower: nn.Module, config: Optional[IPCVConfig], *args, **kwargs) -
         tapped = {}
         out, res = run_blocks(hb, blocks, prep.layout, taps, tapped), None
     else:
-        res = run_ipcv(hb, blocks, adapter.resolve_config(config), prep.layout, taps)
+        res = run_ipcv(hb, blocks, adapter.schedule(config), prep.layout, taps)
         out, tapped = res.hidden_states, res.taps
     if packed:
         out, tapped = out.squeeze(0), {i: t.squeeze(0) for i, t in tapped.items()}

@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 
 from ipcv_core.config import IPCVConfig
+from ipcv_core.schedule import Schedule
 from ipcv_core.segments import SegmentLayout
 
 from .extension import rewrite_module
@@ -209,29 +210,12 @@ class IPCVModule(nn.Module):
             f"reshapes re-pointed to the kept count: {len(self.report.sizes_repointed)}; "
             f"pre-attention nodes copied for AS: {self.report.pre_attention_copies}; "
             f"side inputs gathered: {self.report.side_inputs or 'none'}",
-            "block | mode              | queries | keys/values | FFN rows",
         ]
         rows = self.rows_per_block()
-        for b in range(self._depth):
-            r = rows.get(b, {})
-            lines.append(f"{b:>5} | {block_mode(cfg, b):<17} | {r.get('queries', '?'):>7} | {r.get('keys', '?'):>11} | {r.get('ffn', '?')}")
+        lines += Schedule.build(cfg, self._depth).table([rows.get(b, {}) for b in range(self._depth)])
         if cfg.reintegrate:
             lines.append("after last block: reintegration (NGR + restore to N rows, original order)")
         return "\n".join(lines)
-
-
-def block_mode(cfg: IPCVConfig, b: int) -> str:
-    """What the rewrite does in block ``b`` of a resolved ``cfg`` (the summaries' ``mode`` column)."""
-    stages = {layer for layer, _ in cfg.schedule}
-    if b < min(stages):
-        return "vanilla"
-    if b in stages and cfg.prune_layer <= b < cfg.as_end:
-        return "prune + AS"
-    if cfg.prune_layer < b < cfg.as_end:
-        return "AS (kv: all rows)"
-    if b in stages:
-        return "prune, kept only"
-    return "kept rows only"
 
 
 def rewrite(
@@ -281,7 +265,7 @@ def rewrite(
     return rewrite_graph(gm, config, spec, layout, t0=t0)
 
 
-def rewrite_graph(gm: fx.GraphModule, config: IPCVConfig, spec: LocateSpec, layout: SegmentLayout,
+def rewrite_graph(gm: fx.GraphModule, config: Union[IPCVConfig, Schedule], spec: LocateSpec, layout: SegmentLayout,
                   t0: Optional[float] = None, refresh_meta: bool = False, check_rows: bool = True) -> IPCVModule:
     """Rewrite an already captured GraphModule (from :func:`capture`); ``gm`` is not modified.
     ``refresh_meta=True`` updates every node's ``meta["val"]`` right away (else on demand);
@@ -292,7 +276,8 @@ def rewrite_graph(gm: fx.GraphModule, config: IPCVConfig, spec: LocateSpec, layo
     gmap = locate(gm, spec)
     rw = IPCVRewritePass(gmap, config, layout, refresh=refresh_meta, check_rows=check_rows)
     result = rw(gm)
-    return IPCVModule(result.graph_module, rw.config, layout, gmap, rw.report, nodes_before, time.perf_counter() - t0)
+    return IPCVModule(result.graph_module, rw.config, layout, gmap, result.graph_module.meta["ipcv_report"], nodes_before,
+                      time.perf_counter() - t0)
 
 
 def _fresh(gm: fx.GraphModule) -> fx.GraphModule:

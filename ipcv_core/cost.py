@@ -30,9 +30,10 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Hashable, List, Mapping, Optional
+from typing import Callable, Dict, Hashable, List, Mapping, Optional, Union
 
-from .config import IPCVConfig, num_keep
+from .config import IPCVConfig
+from .schedule import Schedule
 
 __all__ = [
     "ModelDims", "attention_flops", "ffn_flops", "key_flops", "knn_flops", "ngr_flops", "matching_flops",
@@ -101,40 +102,29 @@ def block_flops(q_rows: int, kv_rows: int, ffn_rows: int, d: ModelDims) -> float
     return attention_flops(q_rows, kv_rows, d) + ffn_flops(ffn_rows, d)
 
 
-def config_flops(cfg: Optional[IPCVConfig], n_tokens: int, protected: int, depth: int, dims: ModelDims) -> float:
+def config_flops(cfg: Union[IPCVConfig, Schedule, None], n_tokens: int, protected: int, depth: int,
+                 dims: ModelDims) -> float:
     """FLOPs of a block stack of ``depth`` blocks for one segment of ``n_tokens`` (protected
-    included) under ``cfg`` (None: vanilla): every prune stage (neighbour search, the bipartite
-    keys + similarities), the AS range (queries on kept rows, keys/values on all, one NGR per
-    block) and the reintegration's NGR."""
+    included) under ``cfg`` (None: vanilla): the rows each block sees (:meth:`Schedule.segment_rows`),
+    every prune stage (neighbour search, the bipartite keys + similarities), one NGR per AS block
+    (the keys / values of the removed rows) and the reintegration's NGR."""
     if cfg is None:
         return depth * block_flops(n_tokens, n_tokens, n_tokens, dims)
-    cfg = cfg.resolve(depth)
-    sched = dict(cfg.schedule)
-    post = cfg.post_attention
-    rows = prev = n_tokens
-    total = 0.0
-
-    def stage(b):
-        nonlocal prev, rows, total
-        K = protected + num_keep(n_tokens - protected, sched[b], cfg.min_keep)
-        R = prev - K
-        # neighbour search (on the keys for key-metric selections) + the reintegration's NGR
-        total += knn_flops(R, K, dims.metric if cfg.needs_key_metric else dims) + ngr_flops(R, K, cfg.k, dims)
-        if cfg.needs_key_metric:  # post-attention stages reuse the attention's keys: no projection
-            total += matching_flops(prev, dims) + (0.0 if post else key_flops(prev, dims))
-        prev = rows = K
-
-    for b in range(depth):
-        if b in sched and not post:
-            stage(b)
-        if cfg.prune_layer <= b < cfg.as_end:
-            total += block_flops(rows, n_tokens, rows, dims) + ngr_flops(n_tokens - rows, rows, cfg.k, dims)
-        elif post and b in sched:  # post-attention: attention on the incoming rows, FFN on the kept ones
-            total += attention_flops(rows, rows, dims)
-            stage(b)
-            total += ffn_flops(rows, dims)
-        else:
-            total += block_flops(rows, rows, rows, dims)
+    sched = Schedule.build(cfg, depth)
+    cfg = sched.config
+    total, prev = 0.0, n_tokens
+    for plan, rows in zip(sched, sched.segment_rows(n_tokens, protected)):
+        q, kv, f = rows["queries"], rows["keys"], rows["ffn"]
+        total += attention_flops(q, kv, dims) + ffn_flops(f, dims)
+        if plan.stage is not None:  # K = f kept of the `prev` rows entering the stage
+            R = prev - f
+            # neighbour search (on the keys for key-metric selections) + the reintegration's NGR
+            total += knn_flops(R, f, dims.metric if cfg.needs_key_metric else dims) + ngr_flops(R, f, cfg.k, dims)
+            if cfg.needs_key_metric:  # post-attention stages reuse the attention's keys: no projection
+                total += matching_flops(prev, dims) + (0.0 if plan.stage_after_attention else key_flops(prev, dims))
+        if plan.as_block:  # the removed rows' keys / values: one NGR per AS block
+            total += ngr_flops(n_tokens - f, f, cfg.k, dims)
+        prev = f
     return total
 
 

@@ -35,6 +35,7 @@ import torch
 
 from .config import IPCVConfig
 from .prune import PruneOutputs, kept_lengths, prune_stage, reconstruct_nested, stage_plan
+from .schedule import Schedule
 from .segments import SegmentLayout, SegmentPlan
 from .selection import compact
 
@@ -204,21 +205,22 @@ def run_blocks(h: torch.Tensor, blocks: Sequence[Block], layout: SegmentLayout |
 def run_ipcv(
     h: torch.Tensor,
     blocks: Sequence[Block],
-    config: IPCVConfig,
+    config: IPCVConfig | Schedule,
     layout: SegmentLayout | None = None,
     taps: Sequence[int] = (),
 ) -> DriverOutput:
-    """Run ``blocks`` on ``h (B, N, D)`` with IPCV (``config.selection`` names the selection rule;
-    other rules are added with :func:`ipcv_core.rules.register_selection`).  Attention stays
+    """Run ``blocks`` on ``h (B, N, D)`` with IPCV as ``config`` says (a :class:`Schedule`, or an
+    :class:`IPCVConfig` laid out with :meth:`Schedule.build` over ``len(blocks)`` blocks; ``selection``
+    names the selection rule, other rules are added with :func:`ipcv_core.rules.register_selection`).  Attention stays
     within each segment (image / frame) of ``layout``: packed segments are attended one by one.
     ``taps``: blocks whose outputs are returned too (``DriverOutput.taps``), restored to the full
     sequence by NGR through the stages so far (as the final output)."""
     if h.dim() != 3:
         raise ValueError(f"hidden states must be (B, N, D), got shape {tuple(h.shape)}")
     layout = layout or SegmentLayout()
-    config = config.resolve(len(blocks))
+    schedule = Schedule.build(config, len(blocks))
+    config = schedule.config
     B, N, D = h.shape
-    stage_of = {layer: i for i, (layer, _) in enumerate(config.schedule)}
     full = layout.lengths  # per-segment rows (None: one segment per batch row)
     rows_now = full  # per-segment rows of the current residual stream
     ctx = AttnContext()
@@ -227,39 +229,38 @@ def run_ipcv(
     tapped: Dict[int, torch.Tensor] = {}
     x, x_prev = h, h
     as_ctx = None
-    post = config.post_attention
     metric_dims: List[Optional[int]] = []
 
-    def stage_at(li, rows, rows_prev, metric):
-        """Prune stage of block ``li`` on ``rows`` (``rows_prev``: the rows eq. 1 compares with)."""
+    def stage_at(plan, rows, rows_prev, metric):
+        """Prune stage of block ``plan`` on ``rows`` (``rows_prev``: the rows eq. 1 compares with)."""
         nonlocal ctx, rows_now, as_ctx
         metric_dims.append(None if metric is None else int(metric.shape[-1]))
         pos = stages[-1].positions if stages else None
-        st = prune_stage(rows, rows_prev, h, layout, config, stage_of[li], positions=pos, metric=metric,
+        st = prune_stage(rows, rows_prev, h, layout, config, plan.stage, positions=pos, metric=metric,
                          log_size=stages[-1].log_size if stages else None)
         stages.append(st)
         pos = st.positions
-        rows_now = kept_lengths(layout, config, stage_of[li], N)
+        rows_now = kept_lengths(layout, config, plan.stage, N)
         ctx = AttnContext(q_pos=pos, kv_pos=pos,
                           bias=st.log_size[:, None, None, :] if config.merge_rule.attention_bias else None)
-        if li == config.prune_layer:
-            as_ctx = AttnContext(q_pos=pos, kv_pos=None, q_in_kv=pos)
+        as_ctx = AttnContext(q_pos=pos, kv_pos=None, q_in_kv=pos)  # read by the AS blocks that follow
         return st.x_keep
 
-    for li, blk in enumerate(blocks):
-        if li in stage_of and not post:
+    for plan, blk in zip(schedule, blocks):
+        li = plan.index
+        if plan.stage_at_input:
             pos = stages[-1].positions if stages else None
             metric = _key_metric(blk, x, pos) if config.needs_key_metric else None
-            x = stage_at(li, x, x_prev, metric)
+            x = stage_at(plan, x, x_prev, metric)
         x_prev = x
-        if config.prune_layer <= li < config.as_end:
+        if plan.as_block:
             x = x + attend(blk, x, reconstruct_nested(x, stages), as_ctx, rows_now, full)
-        elif post and li in stage_of:  # post-attention stage: the attention's own keys, FFN on the kept rows
+        elif plan.stage_after_attention:  # the attention's own keys, FFN on the kept rows
             if config.needs_key_metric:
                 upd, metric = attend_with_keys(blk, x, ctx, rows_now)
             else:
                 upd, metric = attend(blk, x, x, ctx, rows_now, rows_now), None
-            x = stage_at(li, x + upd, x, metric)
+            x = stage_at(plan, x + upd, x, metric)
         else:
             x = x + attend(blk, x, x, ctx, rows_now, rows_now)
         x = x + blk.ffn_branch(x)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .config import IPCVConfig, gradual_stages
+from .schedule import Schedule
 
 __all__ = ["Candidate", "TuneResult", "tune", "merge_family_config", "short_description", "MERGE_SPACE", "MERGE_START"]
 
@@ -140,7 +141,7 @@ def tune(
         if f not in ("prune", "merge"):
             raise ValueError(f"families must be a subset of ('prune', 'merge'), got {tuple(families)!r}")
     t0 = time.perf_counter()
-    reference = (reference or IPCVConfig(retain=retain)).replace(retain=retain).resolve(depth)
+    reference = Schedule.build((reference or IPCVConfig(retain=retain)).replace(retain=retain), depth).config
     space = _space(depth)
     if not has_grid:
         space["recon"] = [r for r in space["recon"] if r[0] != "spatial"]

@@ -427,6 +427,25 @@ def cmd_tune(rest: Sequence[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------- parser
+def tower_defaults(field: str) -> str:
+    """``field``'s defaults as the help text states them, read from where they live (each registered
+    adapter's ``default_config``, :class:`IPCVConfig`'s own default, the tiny models' config)."""
+    from ipcv_core import IPCVConfig
+    from ipcv_core.config import PAPER_DEFAULTS
+
+    from ..registry import adapters
+    from ..testing import TINY_IPCV
+
+    if field in PAPER_DEFAULTS:
+        seen = {}
+        for a in reversed(adapters()):
+            seen.setdefault(a.default_config.get(field, PAPER_DEFAULTS[field]), []).append(a.name)
+        parts = [f"{v} ({', '.join(names)})" for v, names in seen.items()]
+    else:
+        parts = [str(getattr(IPCVConfig(), field))]
+    return "; ".join(parts + [f"tiny models {getattr(TINY_IPCV, field)}"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ipcv", description="IPCV token compression for MLLM vision towers: export, "
                                  "inspect, check.", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -439,9 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of tokens kept per image / frame / tile (default 0.35, or --config's)")
         p.add_argument("--config", default=None, metavar="JSON",
                        help="IPCV config file (e.g. from ipcv tune); options given here override its fields")
-        p.add_argument("--prune-layer", dest="prune_layer", type=int, default=None, help="l_p (default: paper's 3; tiny models 1)")
-        p.add_argument("--as-depth", dest="as_depth", type=int, default=None, help="Δ, attention-stabilisation blocks (default 7; tiny 2)")
-        p.add_argument("--k", type=int, default=None, help="NGR neighbours (default 10; tiny 4)")
+        p.add_argument("--prune-layer", dest="prune_layer", type=int, default=None,
+                       help=f"l_p (default: the tower's, clipped to its depth: {tower_defaults('prune_layer')})")
+        p.add_argument("--as-depth", dest="as_depth", type=int, default=None,
+                       help=f"Δ, attention-stabilisation blocks (default: the tower's: {tower_defaults('as_depth')})")
+        p.add_argument("--k", type=int, default=None, help=f"NGR neighbours (default: {tower_defaults('k')})")
         p.add_argument("--image-size", dest="image_size", type=int, default=None,
                        help="example image size in pixels for batched towers (default: the model's native size)")
         p.add_argument("--batch", type=int, default=2, help="example batch for batched towers (default 2: keeps the batch dynamic)")

@@ -8,6 +8,7 @@ import functools
 from typing import Any, Optional
 
 from ipcv_core.config import IPCVConfig
+from ipcv_core.schedule import Schedule
 
 __all__ = ["ipcv_config_of", "guard_unsupported_architectures"]
 
@@ -37,7 +38,7 @@ def ipcv_config_of(hf_config: Any, arch: str) -> Optional[IPCVConfig]:
     else:
         raise ValueError(f"the model config's 'ipcv' entry must be a dict of IPCVConfig fields, got {type(raw).__name__}")
     depth = int(hf_config.vision_config.depth)
-    cfg = cfg.resolve(depth, _defaults(arch))
+    cfg = Schedule.build(cfg, depth, _defaults(arch)).config
     check_config(cfg)
     return cfg
 

@@ -45,7 +45,7 @@ import torch
 from ipcv_core.attention import segment_attention
 from ipcv_core.config import IPCVConfig
 from ipcv_core.driver import AttnContext, Branches, run_ipcv
-from ipcv_core.prune import stage_plan
+from ipcv_core.schedule import Schedule
 from ipcv_core.segments import SegmentLayout
 
 __all__ = ["VisionFamily", "FAMILIES", "check_config", "ipcv_forward", "rows_metadata"]
@@ -197,7 +197,8 @@ def ipcv_forward(tower, family: VisionFamily, config: IPCVConfig, x: torch.Tenso
     n = layout.static_tokens
     if x.shape[0] != n:
         raise ValueError(f"grid_thw {grid} describes {n} patches but the pixel input has {x.shape[0]} rows")
-    if all(stage_plan(layout, config, i, n).keeps_all for i in range(len(config.schedule))):
+    schedule = Schedule.build(config, len(tower.blocks))
+    if schedule.keeps_all(layout, n):
         return vanilla(x, grid)
     meta = dict(tower.prepare_encoder_metadata(grid))
     h = family.embed(tower, x, meta)
@@ -255,7 +256,7 @@ def ipcv_forward(tower, family: VisionFamily, config: IPCVConfig, x: torch.Tenso
     blocks = [Branches(attention=_per_segment_unused, ffn=functools.partial(ffn, blk),
                        segments=functools.partial(attention, i, blk))
               for i, blk in enumerate(tower.blocks)]
-    out = run_ipcv(h.unsqueeze(0), blocks, config, layout, taps=family.taps(tower))
+    out = run_ipcv(h.unsqueeze(0), blocks, schedule, layout, taps=family.taps(tower))
     return family.finish(tower, _seq_first(out.hidden_states), out.taps, meta)
 
 
