@@ -55,7 +55,7 @@ def _ngr_loop(h_rem_lp, h_keep_lp, h_keep_l, idx, weights):
 def main(argv=None) -> int:
     import ipcv_compile
     import ipcv_compile.ops as ops_mod
-    import ipcv_compile.passes.ipcv_rewrite as rw
+    import ipcv_compile.passes.attention_stabilisation as rw
     import ipcv_core.prune as prune_mod
     from ipcv_adapters.testing import qwen2vl_inputs
     from ipcv_core.config import IPCVConfig
@@ -85,12 +85,12 @@ def main(argv=None) -> int:
             t.graph_for(t.adapter.prepare(pv, grid_thw=thw).layout)  # build the layout's graph now
         return t
 
-    def no_narrowing(cur, blk, core, full_attn_in):
+    def no_narrowing(ab, core, full_attn_in):
         return False
 
     towers = {
         "all": rewrite(),
-        "- fused q split": rewrite(_split_fused_projection=lambda *a, **k: None),
+        "- fused q split": rewrite(_split_projection=lambda *a, **k: None),
         "- query narrowing": rewrite(narrow_queries=no_narrowing),
     }
     rows = {"vanilla": lambda: tower(pv, grid_thw=thw)}
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     loop_tower = towers["all"]
 
     def fused_ngr_off():
-        with _patched(ops_mod, "ngr", _ngr_loop), _patched(prune_mod, "ngr", _ngr_loop):
+        with _patched(ops_mod, "_core_ngr", _ngr_loop), _patched(prune_mod, "ngr", _ngr_loop):
             return loop_tower(pv, grid_thw=thw)
 
     rows["- fused NGR"] = fused_ngr_off

@@ -13,7 +13,8 @@ from torch import fx
 
 from .spec import LocateSpec
 
-__all__ = ["LocateError", "BlockInfo", "GraphMap", "locate", "token_symbol_dims"]
+__all__ = ["LocateError", "BlockInfo", "GraphMap", "locate", "token_symbol_dims", "descendants_within",
+           "ancestors_within", "path_between"]
 
 SDPA_TARGETS = (torch.ops.aten.scaled_dot_product_attention.default,)
 
@@ -103,6 +104,26 @@ def descendants_within(src: fx.Node, within: set) -> set:
                 seen.add(u)
                 stack.append(u)
     return seen
+
+
+def ancestors_within(dst: fx.Node, within: set) -> set:
+    """Nodes of ``within`` that ``dst`` depends on through nodes of ``within`` (``dst`` included)."""
+    anc, stack = set(), [dst]
+    while stack:
+        n = stack.pop()
+        if n in anc or n not in within:
+            continue
+        anc.add(n)
+        stack.extend(n.all_input_nodes)
+    return anc
+
+
+def path_between(src: fx.Node, dst: fx.Node, nodes) -> List[fx.Node]:
+    """Nodes of ``nodes`` (in graph order) on some path from ``src`` to ``dst`` (``dst`` included)."""
+    node_set = set(nodes)
+    anc = ancestors_within(dst, node_set)
+    desc = descendants_within(src, node_set)
+    return [n for n in nodes if n in anc and n in desc]
 
 
 def locate(gm: fx.GraphModule, spec: LocateSpec) -> GraphMap:

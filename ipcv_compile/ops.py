@@ -14,26 +14,35 @@ eager driver runs, so
 
 Schemas take no dicts or nested tuples: the segment layout and the IPCV config are flattened into
 typed scalars and lists (:func:`layout_args`, :func:`config_args`), so a printed graph reads like
-``ipcv.prune(..., stage=0, retain=0.35, selection='score', ...)``.  Hidden states come in the
+``ipcv.prune(..., stage=0, retain=0.35, selection='score', ...)``; the op decodes its config once
+per distinct config (:func:`decode_config`, cached), not on every call.
+
+The Python handles carry the op's own name: ``ops.prune`` is ``torch.ops.ipcv.prune.default``,
+``ops.ngr`` is ``torch.ops.ipcv.ngr.default``, ... (the ``ipcv_core`` functions they run are
+imported under ``_core_*`` aliases).  Hidden states come in the
 model's own layout (``(B, N, D)``, or packed ``(N, D)`` with ``token_dim=0``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Sequence
+import functools
+from typing import Any, Dict, List, Tuple
 
 import torch
 
-from ipcv_core.attention import segment_attention, segment_concat, segment_prefix
+from ipcv_core.attention import segment_attention as _core_segment_attention
+from ipcv_core.attention import segment_concat as _core_segment_concat
+from ipcv_core.attention import segment_prefix as _core_segment_prefix
 from ipcv_core.config import IPCVConfig
 from ipcv_core.prune import PruneOutputs, prune_stage, reconstruct_nested
-from ipcv_core.reconstruct import ngr
+from ipcv_core.reconstruct import ngr as _core_ngr
 from ipcv_core.segments import SegmentLayout
 from ipcv_core.selection import is_tracing
 
-__all__ = ["prune", "reconstruct", "ngr_rows", "segment_concat_op", "segment_prefix_op", "segment_attention_op", "gather_tokens", "attention_bias", "key_metric", "layout_args", "config_args",
-           "RECONSTRUCT_FIELDS", "IPCV_OPS", "decompositions", "has_ipcv_ops"]
+__all__ = ["prune", "reconstruct", "ngr", "segment_concat", "segment_prefix", "segment_attention", "gather_tokens",
+           "attention_bias", "key_metric", "layout_args", "config_args", "decode_config", "RECONSTRUCT_FIELDS",
+           "IPCV_OPS", "decompositions", "has_ipcv_ops"]
 
 _LIB = torch.library.Library("ipcv", "DEF")
 
@@ -77,8 +86,18 @@ def config_args(cfg: IPCVConfig) -> Dict[str, Any]:
     return out
 
 
-def _config(stage_layers: Sequence[int], stage_retains: Sequence[float], **fields) -> IPCVConfig:
-    return IPCVConfig(stages=tuple(zip(stage_layers, stage_retains)), **fields)
+def decode_config(**fields) -> IPCVConfig:
+    """The :class:`IPCVConfig` of the ops' config keywords (:func:`config_args`), built and validated
+    once per distinct config: a graph called many times decodes its static config on the first call
+    only (lists become tuples to form the cache key)."""
+    return _decode_config(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in fields.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_config(items: Tuple[Tuple[str, Any], ...]) -> IPCVConfig:
+    fields = dict(items)
+    stages = tuple(zip(fields.pop("stage_layers"), fields.pop("stage_retains")))
+    return IPCVConfig(stages=stages, **fields)
 
 
 def _bnd(x: torch.Tensor, token_dim: int) -> torch.Tensor:
@@ -108,7 +127,7 @@ def _prune(x, x_prev, x0, positions=None, metric=None, log_size=None, *, stage, 
     """Stage ``stage`` of the config's schedule: :func:`ipcv_core.prune.prune_stage` (returns a
     :class:`~ipcv_core.prune.PruneOutputs`, ``x_keep`` in the model's layout)."""
     layout = _layout(segment_lengths, protected, grids, grid_merge)
-    cfg = _config(**config)
+    cfg = decode_config(**config)
     xb = _bnd(x, token_dim)
     if stage == 0 and not is_tracing() and isinstance(xb.shape[1], int):
         layout.check_tokens(xb.shape[1])
@@ -206,7 +225,7 @@ _LIB.define("ngr(Tensor x_keep, Tensor x_rem, Tensor x_keep_lp, Tensor nbr_idx, 
 def _ngr(x_keep, x_rem, x_keep_lp, nbr_idx, nbr_w, *, token_dim):
     """Eq. 5 for the removed rows only (:func:`ipcv_core.reconstruct.ngr`): their values at the
     current layer from the kept rows' ``x_keep`` (model layout), without restoring the order."""
-    rec = ngr(x_rem, _bnd(x_keep_lp, token_dim), _bnd(x_keep, token_dim), nbr_idx, nbr_w)
+    rec = _core_ngr(x_rem, _bnd(x_keep_lp, token_dim), _bnd(x_keep, token_dim), nbr_idx, nbr_w)
     return _model_layout(rec, token_dim)
 
 
@@ -216,7 +235,7 @@ _LIB.define("segment_concat(Tensor a, Tensor b, *, SymInt[] a_lengths, SymInt[] 
 def _segment_concat(a, b, *, a_lengths, b_lengths, dim):
     """Rows of ``a`` and ``b`` interleaved per segment, ``[a_0; b_0; a_1; b_1; ...]``
     (:func:`ipcv_core.attention.segment_concat`)."""
-    return segment_concat(a, b, a_lengths, b_lengths, dim)
+    return _core_segment_concat(a, b, a_lengths, b_lengths, dim)
 
 
 _LIB.define("segment_prefix(Tensor x, *, SymInt[] lengths, SymInt[] take, int dim) -> Tensor")
@@ -224,7 +243,7 @@ _LIB.define("segment_prefix(Tensor x, *, SymInt[] lengths, SymInt[] take, int di
 
 def _segment_prefix(x, *, lengths, take, dim):
     """The first ``take[i]`` rows of each segment (:func:`ipcv_core.attention.segment_prefix`)."""
-    return segment_prefix(x, lengths, take, dim)
+    return _core_segment_prefix(x, lengths, take, dim)
 
 
 _LIB.define("segment_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? q_groups=None, "
@@ -237,7 +256,7 @@ def _segment_attention(q, k, v, attn_mask=None, q_groups=None, kv_groups=None, *
     """SDPA within each segment (:func:`ipcv_core.attention.segment_attention`): equal runs of
     segments as one batched SDPA, no mask across segments; ``q_groups`` / ``kv_groups`` restrict
     each segment's attention to rows of the same group (attention windows)."""
-    return segment_attention(q, k, v, attn_mask, q_lengths=q_lengths, kv_lengths=kv_lengths, q_prefix=q_prefix,
+    return _core_segment_attention(q, k, v, attn_mask, q_lengths=q_lengths, kv_lengths=kv_lengths, q_prefix=q_prefix,
                              scale=scale, enable_gqa=enable_gqa, q_groups=q_groups, kv_groups=kv_groups)
 
 
@@ -247,17 +266,18 @@ _IMPLS = {"prune": _prune, "ngr": _ngr, "segment_concat": _segment_concat,
 for _name, _fn in _IMPLS.items():
     _LIB.impl(_name, _fn, "CompositeImplicitAutograd")
 
+# the handles: each named as its op (``ops.ngr`` is ``torch.ops.ipcv.ngr.default``)
 prune = torch.ops.ipcv.prune.default
 reconstruct = torch.ops.ipcv.reconstruct.default
-ngr_rows = torch.ops.ipcv.ngr.default
-segment_concat_op = torch.ops.ipcv.segment_concat.default
-segment_prefix_op = torch.ops.ipcv.segment_prefix.default
-segment_attention_op = torch.ops.ipcv.segment_attention.default
+ngr = torch.ops.ipcv.ngr.default
+segment_concat = torch.ops.ipcv.segment_concat.default
+segment_prefix = torch.ops.ipcv.segment_prefix.default
+segment_attention = torch.ops.ipcv.segment_attention.default
 gather_tokens = torch.ops.ipcv.gather_tokens.default
 attention_bias = torch.ops.ipcv.attention_bias.default
 key_metric = torch.ops.ipcv.key_metric.default
 #: every op the rewrite may insert
-IPCV_OPS = (prune, reconstruct, ngr_rows, segment_concat_op, segment_prefix_op, segment_attention_op, gather_tokens, attention_bias,
+IPCV_OPS = (prune, reconstruct, ngr, segment_concat, segment_prefix, segment_attention, gather_tokens, attention_bias,
             key_metric)
 
 

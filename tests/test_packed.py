@@ -113,7 +113,7 @@ def test_no_n_by_n_tensor_in_a_packed_graph(qwen, grids, retain):
     g = tw.graph_for(prep.layout)
     g.refresh_meta()
     assert _square_tensors(g.graph_module, n) == []
-    assert any(nd.target is ipcv_ops.segment_attention_op for nd in g.graph_module.graph.nodes)
+    assert any(nd.target is ipcv_ops.segment_attention for nd in g.graph_module.graph.nodes)
 
 
 @pytest.mark.parametrize("grids", LAYOUTS, ids=lambda g: "-".join("x".join(map(str, r)) for r in g))
@@ -139,8 +139,8 @@ def test_retain_one_is_only_per_segment_attention(qwen):
     pv, thw = qwen2vl_inputs(LAYOUTS[1])
     g = r1.graph_for(r1.adapter.prepare(pv, grid_thw=thw).layout)
     targets = {n.target for n in g.graph_module.graph.nodes if n.op == "call_function"}
-    assert ipcv_ops.segment_attention_op in targets
-    assert not targets & (set(ipcv_ops.IPCV_OPS) - {ipcv_ops.segment_attention_op})
+    assert ipcv_ops.segment_attention in targets
+    assert not targets & (set(ipcv_ops.IPCV_OPS) - {ipcv_ops.segment_attention})
     assert dict(g.report.inserted) == {"ipcv_segment_attention": r1.adapter.depth}
 
 

@@ -3,15 +3,20 @@ extension point: what each promises, checked on a small synthetic ViT."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase
+from torch.fx.passes.infra.pass_manager import PassManager
 
 import ipcv_compile
 from ipcv_compile import LocateSpec, capture, locate
 from ipcv_compile import ops as ipcv_ops
 from ipcv_compile.extension import UnsupportedModuleError, register_rewriter, rewriters, unregister_rewriter
 from ipcv_compile.lower import export_program
+from ipcv_compile.passes import PIPELINE
+from ipcv_compile.passes.fused_projection import UnsplittableProjection, analyse_fused_projection
 from ipcv_compile.passes.ipcv_rewrite import IPCVRewritePass, RewriteError, expected_rows
+from ipcv_compile.passes.segment_attention import SegmentAttentionPass
 from ipcv_core import IPCVConfig, SegmentLayout, run_ipcv
 from ipcv_core.rules import SelectionRule, register_selection, selection_names, selection_rule
 from ipcv_core.testing import SyntheticViT, ViTSpec, make_inputs
@@ -40,7 +45,7 @@ def test_pass_is_a_passbase_and_inserts_named_ipcv_ops(vit):
     targets = [n.target for n in rm.graph_module.graph.nodes if n.op == "call_function"]
     assert targets.count(ipcv_ops.prune) == 1
     assert targets.count(ipcv_ops.reconstruct) == 1  # the reintegration
-    assert targets.count(ipcv_ops.ngr_rows) == CFG.as_depth  # AS blocks: the removed rows' values only
+    assert targets.count(ipcv_ops.ngr) == CFG.as_depth  # AS blocks: the removed rows' values only
     code = rm.print_readable(print_output=False)
     assert "torch.ops.ipcv.prune.default(" in code and "torch.ops.ipcv.reconstruct.default(" in code
     assert "selection = 'score'" in code and "retain = 0.5" in code  # typed, printable static arguments
@@ -98,16 +103,17 @@ def test_ensures_checks_the_rows_every_block_sees(vit):
     assert [r["keys"] for r in rows] == [n, n, n, n, K]
     # a pass that forgot to feed the pruned block its kept rows is caught by ensures (the rewritten
     # graph no longer runs: rows and gathered tables / reconstruction disagree)
+    import ipcv_compile.passes.insert_stages as stages_mod
     import ipcv_compile.passes.ipcv_rewrite as rw_mod
 
-    orig = rw_mod.feed_residual
+    orig = stages_mod.feed_residual
     try:
-        rw_mod.feed_residual = lambda cur, blk: None if blk.index == CFG.prune_layer else orig(cur, blk)
+        stages_mod.feed_residual = lambda blk, rows: None if blk.index == CFG.prune_layer else orig(blk, rows)
         broken = _fresh(gm)
         with pytest.raises(RewriteError, match="does not run at the example sizes"):
             IPCVRewritePass(locate(broken, SPEC), CFG.replace(as_depth=0), SegmentLayout.batched(1))(broken)
     finally:
-        rw_mod.feed_residual = orig
+        stages_mod.feed_residual = orig
     # rows that run but differ from the schedule are named per block
     orig_rows = rw_mod.expected_rows
     try:
@@ -177,3 +183,148 @@ def test_rewrite_finds_rewriters_through_the_extension_point():
     finally:
         unregister_rewriter("test_toy")
     assert "test_toy" not in rewriters()
+
+
+# --------------------------------------------------------------------------------------------- the pipeline
+def test_the_rewrite_runs_a_pass_manager_of_small_named_passes(vit, monkeypatch):
+    m, args, gm = vit
+    ran = []
+    orig = PassManager.__call__
+
+    def spy(self, module):
+        ran.append([type(p).__name__ for p in self.passes])
+        return orig(self, module)
+
+    monkeypatch.setattr(PassManager, "__call__", spy)
+    g = ipcv_compile.api._fresh(gm)
+    IPCVRewritePass(locate(g, SPEC), CFG, SegmentLayout.batched(1))(g)
+    assert ran == [["InsertStagesPass", "GatherSideInputsPass", "KeyMetricPass", "AttentionStabilisationPass",
+                    "UseSideInputsPass", "SizeBiasPass", "SegmentAttentionPass", "FollowTokenCountsPass",
+                    "ReintegratePass"]]
+    assert len(PIPELINE) >= 4 and all(isinstance(p, PassBase) for p in PIPELINE)
+
+
+def test_the_passes_keep_no_state_and_run_only_inside_the_rewrite(vit):
+    """The same pass objects rewrite two graphs alike; a pass called on a bare graph says what is missing."""
+    m, args, gm = vit
+    outs = []
+    for _ in range(2):
+        rm = ipcv_compile.rewrite_graph(gm, CFG, SPEC, SegmentLayout.batched(1))
+        assert "ipcv_rewrite_context" not in rm.graph_module.meta
+        with torch.no_grad():
+            outs.append(rm(*args))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    with pytest.raises(RewriteError, match="run inside IPCVRewritePass"):
+        SegmentAttentionPass()(ipcv_compile.api._fresh(gm))
+
+
+def test_the_rewrite_takes_a_schedule_as_its_config(vit):
+    m, args, gm = vit
+    from ipcv_core.schedule import Schedule
+
+    g = ipcv_compile.api._fresh(gm)
+    rw = IPCVRewritePass(locate(g, SPEC), Schedule.build(CFG, 5), SegmentLayout.batched(1))
+    rw(g)
+    assert rw.config == CFG.resolve(5)
+    with torch.no_grad():
+        torch.testing.assert_close(g(*args), ipcv_compile.rewrite_graph(gm, CFG, SPEC, SegmentLayout.batched(1))(*args),
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match="depth 4"):
+        IPCVRewritePass(locate(ipcv_compile.api._fresh(gm), SPEC), Schedule.build(CFG, 4), SegmentLayout.batched(1))
+
+
+@pytest.fixture(scope="module")
+def packed_vit():
+    spec = ViTSpec(depth=5, rotary=True, fused_qkv=True)
+    m = SyntheticViT(spec).eval()
+    h, cos, sin, mask, layout = make_inputs(spec, [(3, 3), (2, 3)], 0, batch=1, packed=True)
+    args = (h, cos, sin, mask)
+    return m, args, layout, capture(m, args)
+
+
+def test_a_pass_error_reaches_the_caller_as_itself(packed_vit):
+    """The PassManager wraps a pass's exception; the rewrite raises the pass's own RewriteError."""
+    m, args, layout, gm = packed_vit
+    g = ipcv_compile.api._fresh(gm)
+    gmap = locate(g, SPEC)
+    core = gmap.blocks[0].attn_cores[0]
+    core.kwargs = {**core.kwargs, "is_causal": True}  # per-segment attention refuses a causal SDPA
+    with pytest.raises(RewriteError, match="dropout_p=0 and is_causal=False") as e:
+        IPCVRewritePass(gmap, CFG, layout)(g)
+    assert any("SegmentAttentionPass" in n for n in getattr(e.value, "__notes__", []))
+
+
+def test_the_rewrite_splits_a_fused_projection_of_packed_rows(packed_vit):
+    m, args, layout, gm = packed_vit
+    rm = ipcv_compile.rewrite_graph(gm, CFG, SPEC, layout)
+    assert rm.report.inserted["q_projection_split"] == CFG.as_depth  # q for the kept rows only
+    assert rm.report.unsplit_projections == {}
+
+
+class _Fused(nn.Module):
+    """One attention with a fused qkv projection over packed rows ``(N, D)``; ``layout``: how its
+    output columns are split into heads (``"qkv"``: q, k, v blocks; ``"interleaved"``: per head)."""
+
+    def __init__(self, layout="qkv", dim=8, heads=2):
+        super().__init__()
+        self.layout, self.heads, self.hd = layout, heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        n = x.shape[0]
+        y = self.qkv(x)
+        if self.layout == "scaled":
+            y = y * 2.0
+        if self.layout == "interleaved":
+            qkv = y.view(n, self.heads, 3, self.hd).permute(2, 1, 0, 3)
+        else:
+            qkv = y.view(n, 3, self.heads, self.hd).permute(1, 2, 0, 3)
+        q, k, v = qkv.unbind(0)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _analyse(layout, which):
+    x = torch.randn(6, 8)
+    gm = capture(_Fused(layout).eval(), (x,), token_dim=0)
+    nodes = list(gm.graph.nodes)
+    core = next(n for n in nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default)
+    x_node = next(n for n in nodes if n.op == "placeholder")
+    sym = x_node.meta["val"].shape[0].node.expr
+    return analyse_fused_projection(nodes, core.args[which], x_node, sym, 0)
+
+
+def test_fused_projection_analysis_finds_the_q_k_v_columns():
+    cols = [(p.start, p.stop, p.width) for p in (_analyse("qkv", i) for i in range(3))]
+    assert cols == [(0, 8, 24), (8, 16, 24), (16, 24, 24)]
+    assert _analyse("qkv", 0).linear.target is torch.ops.aten.linear.default
+
+
+@pytest.mark.parametrize("layout,why", [
+    ("interleaved", "not one block"),  # q's columns are spread over the heads
+    ("scaled", "not data movement only"),  # a multiply between the projection and q
+])
+def test_an_unsplittable_projection_says_why(layout, why):
+    with pytest.raises(UnsplittableProjection, match=why) as e:
+        _analyse(layout, 0)
+    assert why in e.value.reason
+
+
+def test_the_op_decodes_its_config_once(monkeypatch):
+    constructed = []
+    real = ipcv_ops.IPCVConfig
+
+    def counting(*a, **k):
+        constructed.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ipcv_ops, "IPCVConfig", counting)
+    ipcv_ops._decode_config.cache_clear()
+    h = torch.randn(2, 10, 16)
+    kw = dict(stage=0, **ipcv_ops.layout_args(SegmentLayout.batched(1), 1), **ipcv_ops.config_args(CFG))
+    first = ipcv_ops.prune(h, h * 0.5, h, None, None, None, **kw)
+    second = ipcv_ops.prune(h, h * 0.5, h, None, None, None, **kw)
+    assert len(constructed) == 1  # two calls, one IPCVConfig
+    torch.testing.assert_close(first[0], second[0], rtol=0, atol=0)
+    assert ipcv_ops.decode_config(**{k: v for k, v in kw.items() if k in ipcv_ops.config_args(CFG)}) == CFG
+    ipcv_ops.prune(h, h * 0.5, h, None, None, None, **{**kw, **ipcv_ops.config_args(CFG.replace(k=2))})
+    assert len(constructed) == 2  # another config: decoded once more
