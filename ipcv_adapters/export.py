@@ -9,8 +9,9 @@ What a file holds and what it serves is decided here and written into the file i
   dynamic when the tower accepts other sizes (checked on an image one patch larger: DINOv2 and
   InternVL interpolate their position table; SigLIP / CLIP only with
   ``interpolate_pos_encoding=True``), else static — honestly, in the file and in ``dynamic_dims``.
-  At export, HF's "always interpolate when tracing" path is taken (``torch.jit.is_tracing()`` reads
-  True inside the traced embedding), so a file exported at the native size serves other sizes and a
+  At export, HF's "always interpolate when tracing" path is taken (the embedding runs on a view of
+  the tower whose ``interpolate_pos_encoding`` reads ``torch.jit.is_tracing()`` as True; nothing
+  is patched), so a file exported at the native size serves other sizes and a
   file exported at another size serves the native one.  Grid-aware IPCV variants need the patch
   grid, so their file is for the example's image size (static).
 * **packed towers** (Qwen2-VL: several images / frames in one sequence, per-segment keep counts
@@ -24,8 +25,9 @@ What a file holds and what it serves is decided here and written into the file i
 
 from __future__ import annotations
 
-import contextlib
-import threading
+import copy
+import functools
+import types
 from dataclasses import replace
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -34,6 +36,7 @@ from torch import nn
 
 from ipcv_core.segments import SegmentLayout
 
+from .base import TowerAdapter, module_view
 from .tower import IPCVTower
 
 __all__ = ["TowerForExport", "LayoutCheck", "OUTPUT_NAMES", "METADATA_KEY", "LAYOUT_CHECK_SCOPE"]
@@ -41,47 +44,66 @@ __all__ = ["TowerForExport", "LayoutCheck", "OUTPUT_NAMES", "METADATA_KEY", "LAY
 OUTPUT_NAMES = ("last_hidden_state", "pooler_output")
 METADATA_KEY = "ipcv"  # key of the JSON metadata in the ONNX file / the pt2 extra file "ipcv.json"
 
-# HF's position-embedding interpolation returns the table as it is at the native size unless
+# HF's position-embedding interpolation (``interpolate_pos_encoding`` of the DINOv2 / InternVL /
+# SigLIP / CLIP embeddings) returns the table as it is at the native size unless
 # ``torch.jit.is_tracing()`` ("always interpolate when tracing to ensure the exported model works for
-# dynamic input shapes"); torch.export does not set it.  A thread-local switch, on only while
-# TowerForExport's embedding is traced, lets an export take that path (identical numbers at the
-# native size: bicubic resampling onto the same grid).
-_tls = threading.local()
-_switch_lock = threading.Lock()
-_switch = {"depth": 0, "orig": None}  # the switch is installed only while some export traces an embedding
+# dynamic input shapes"); torch.export does not set it.  While TowerForExport's embedding is
+# exported, ``prepare`` runs on a *view* of the tower (:func:`_interpolating_adapter`: the same
+# tensors, registries of its own) whose embeddings call HF's own function as it runs under
+# ``torch.jit.trace`` — identical numbers at the native size (bicubic resampling onto the same grid).
+# Nothing is patched: torch, the HF modules and the user's tower are unchanged for every other
+# caller and thread.
+class _Namespace:
+    """``base`` (a module) with some attributes answered otherwise; read-only."""
+
+    def __init__(self, base: Any, **overrides: Any):
+        self._base, self._overrides = base, overrides
+
+    def __getattr__(self, name: str) -> Any:
+        return self._overrides[name] if name in self._overrides else getattr(self._base, name)
 
 
-@contextlib.contextmanager
-def _interpolating():
-    """While exporting: ``torch.jit.is_tracing()`` answers True in this thread (HF's interpolation
-    path). The switch is installed for the outermost such export and removed after it, so no
-    wrapped ``torch.jit.is_tracing`` outlives an export (torch.compile, other code see torch's own)."""
-    if not torch.compiler.is_exporting():
-        yield
-        return
-    with _switch_lock:
-        if _switch["depth"] == 0:
-            orig = torch.jit.is_tracing
+_TRACED_TORCH = _Namespace(torch, jit=_Namespace(torch.jit, is_tracing=lambda: True))
 
-            def is_tracing() -> bool:
-                return bool(getattr(_tls, "on", False)) or orig()
 
-            is_tracing.__doc__ = orig.__doc__
-            is_tracing.__wrapped__ = orig  # type: ignore[attr-defined]
-            _switch["orig"] = orig
-            torch.jit.is_tracing = is_tracing
-        _switch["depth"] += 1
-    prev = getattr(_tls, "on", False)
-    _tls.on = True
-    try:
-        yield
-    finally:
-        _tls.on = prev
-        with _switch_lock:
-            _switch["depth"] -= 1
-            if _switch["depth"] == 0:
-                torch.jit.is_tracing = _switch["orig"]
-                _switch["orig"] = None
+@functools.lru_cache(maxsize=None)
+def _as_when_traced(fn: types.FunctionType) -> types.FunctionType:
+    """HF's ``fn`` as it runs under ``torch.jit.trace``: the same code object, whose globals (a copy
+    of its module's) see ``torch`` as a namespace answering ``torch.jit.is_tracing()`` with True."""
+    f = types.FunctionType(fn.__code__, {**fn.__globals__, "torch": _TRACED_TORCH}, fn.__name__, fn.__defaults__,
+                           fn.__closure__)
+    f.__kwdefaults__ = fn.__kwdefaults__
+    return f
+
+
+def _reads_is_tracing(fn: Any) -> bool:
+    return isinstance(fn, types.FunctionType) and "is_tracing" in fn.__code__.co_names
+
+
+def _interpolating_view(module: nn.Module) -> nn.Module:
+    """``module`` itself when nothing under it has HF's ``interpolate_pos_encoding``, else a
+    :func:`~ipcv_adapters.base.module_view` in which those modules interpolate as when traced."""
+    children = {}
+    for name, child in module._modules.items():
+        if child is not None:
+            view = _interpolating_view(child)
+            if view is not child:
+                children[name] = view
+    fn = getattr(type(module), "interpolate_pos_encoding", None)
+    if not _reads_is_tracing(fn) and not children:
+        return module
+    view = module_view(module, children)
+    if _reads_is_tracing(fn):
+        object.__setattr__(view, "interpolate_pos_encoding", types.MethodType(_as_when_traced(fn), view))
+    return view
+
+
+def _interpolating_adapter(adapter: TowerAdapter) -> TowerAdapter:
+    """A copy of ``adapter`` whose tower is :func:`_interpolating_view` of its tower (built per
+    export: the view holds the tower's tensors as they are now)."""
+    view = copy.copy(adapter)
+    view.tower = _interpolating_view(adapter.tower)
+    return view
 
 
 #: the submodule name of the in-graph layout check (the onnx backend names its failing node after it)
@@ -202,9 +224,9 @@ class TowerForExport(nn.Module):
         self.sizes_dynamic = (not self.packed) and (not self.grid_fixed) and self._other_sizes_ok(example)
         if self.sizes_dynamic and example:
             self._check_example_prunes(example)
-        # the rewritten graph this module runs, built now (never under export), held here so the
-        # compile cache cannot evict it
-        self.__dict__["_graph"] = self.tower.graph_for(self.layout, self.taps)
+        # the rewritten graph this module runs (a compile-cache entry), built now (never under
+        # export), held here so the compile cache cannot evict it
+        self._entry = self.tower.graph_entry(self.layout, self.taps)
 
     # ------------------------------------------------------------------ what the file serves
     def _other_sizes_ok(self, example) -> bool:
@@ -325,11 +347,12 @@ class TowerForExport(nn.Module):
             side = tuple(getattr(self, f"side_{i}") for i in range(len(self._template.side)))
             prep = replace(self._template, hidden=self._embed_fn(pixel_values), side=side)
         else:
-            with _interpolating():
-                prep = ad.prepare(pixel_values, **self.fixed_kwargs)
+            # exporting: HF's "always interpolate when tracing" path (see _interpolating_adapter)
+            embedder = _interpolating_adapter(ad) if torch.compiler.is_exporting() else ad
+            prep = embedder.prepare(pixel_values, **self.fixed_kwargs)
             if self.grid_fixed:
                 prep = replace(prep, layout=self.layout)
         taps = self.taps
-        out = t.run_graph(self._graph, prep.stack_inputs)
+        out = t.run_graph(self._entry, prep.stack_inputs)
         hidden, tapped = (out[0], dict(zip(taps, out[1:]))) if taps else (out, {})
         return _flat_outputs(ad.finish(hidden, prep, tapped))

@@ -102,7 +102,7 @@ def test_qwen2_5_windows_are_attention_windows(towers):
     spec = r35.adapter.spec
     assert spec.windowed_blocks == tuple(i for i in range(4) if i not in t.fullatt_block_indexes)
     g = r35.graph_for(prep.layout)
-    cores = {n.meta["ipcv"]["block"]: n for n in g.graph_module.graph.nodes if n.target is ipcv_ops.segment_attention_op}
+    cores = {n.meta["ipcv"]["block"]: n for n in g.graph_module.graph.nodes if n.target is ipcv_ops.segment_attention}
     assert len(cores[0].kwargs["q_lengths"]) == 8  # block 0 (windowed, before pruning): per window
     assert cores[1].args[5] is None  # block 1 (full attention): per frame, no groups
     assert cores[2].args[5] is not None  # block 2 (windowed, pruned): per frame with window groups

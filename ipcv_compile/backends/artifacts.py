@@ -1,7 +1,7 @@
 """Loading a saved artifact (``.onnx`` / ``.pt2`` written by :func:`ipcv_compile.lower`) as a
 callable that checks each call against the inputs the file was exported for.
 
-Kept apart from :mod:`ipcv_compile.lower` (the backends import it; it imports them)."""
+Kept apart from the backends' shared :mod:`.common` (it imports the onnx / pt2 backends lazily)."""
 
 from __future__ import annotations
 

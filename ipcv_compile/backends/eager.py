@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..lower import Lowered, graph_of
+from .common import Lowered, graph_of
 
 
 def lower_eager(module, example_inputs, *, example_kwargs=None, path=None, dynamic=True, dynamic_shapes=None, **opts):

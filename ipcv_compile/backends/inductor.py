@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..lower import Lowered, LoweringError, export_program, graph_of
+from .common import Lowered, LoweringError, export_program, graph_of
 
 
 def compile_target(module, example_inputs, *, via: str = "export", dynamic: bool = True, dynamic_shapes=None,

@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
-from ..lower import (Lowered, LoweringError, check_fixed_inputs, default_artifact_path, dynamic_dims, export_program,
+from .common import (Lowered, LoweringError, check_fixed_inputs, default_artifact_path, dynamic_dims, export_program,
                      graph_of, keyword_inputs, module_metadata, symbol_names)
 
 METADATA_KEY = "ipcv"  # metadata_props key of the exporting module's JSON metadata (module_metadata)

@@ -15,7 +15,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..lower import (Lowered, check_fixed_inputs, default_artifact_path, dynamic_dims, export_program, graph_of,
+from .common import (Lowered, check_fixed_inputs, default_artifact_path, dynamic_dims, export_program, graph_of,
                      keyword_inputs, module_metadata)
 
 METADATA_FILE = "ipcv.json"

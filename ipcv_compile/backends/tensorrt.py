@@ -28,7 +28,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..lower import BackendUnavailable, Lowered, LoweringError, default_artifact_path, export_program, graph_of
+from .common import BackendUnavailable, Lowered, LoweringError, default_artifact_path, export_program, graph_of
 from ..tensorrt_check import prepare_for_tensorrt, tensorrt_check
 
 

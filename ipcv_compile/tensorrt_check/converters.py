@@ -31,7 +31,7 @@ from typing import Any, FrozenSet, Iterable, List
 
 import torch
 
-from ..lower import BackendUnavailable
+from ..backends.common import BackendUnavailable
 
 __all__ = [
     "TRT_TOPK_MAX_K",
