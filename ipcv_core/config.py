@@ -76,7 +76,10 @@ class IPCVConfig:
             the logits (ToMe's proportional attention, through SDPA's float mask); ``"average"`` —
             additionally the kept token's value at l_p becomes the size-weighted mean of itself and
             the tokens it absorbed (ToMe's merge); ``"average_plain"`` — the merge without
-            proportional attention (an ablation).
+            proportional attention (an ablation); ``"tofu"`` — ToFu: stages in the first third of the
+            blocks up to the final one (``layer < (prune_layer + 1) // 3``) drop their removed tokens
+            (nothing absorbed), later ones merge with MLERP (the size-weighted mean's direction rescaled
+            to the largest norm of the group), with proportional attention.
         seed: seed of ``"random"`` selections.
         stages: earlier prune stages ``((layer, retain), ...)`` before the final one at
             ``prune_layer`` with ``retain`` — pruning spread over several blocks (layers strictly

@@ -16,7 +16,7 @@ from .reconstruct import knn_kept, neighbour_weights, ngr, restore
 from .rules import ScoreInputs
 from .segments import SegmentLayout, SegmentPlan, plan_segments
 from .selection import select_per_segment
-from .variants import absorb_sizes, grid_coords, merge_average, normalise_metric
+from .variants import absorb_sizes, grid_coords, merge_average, merge_mlerp, normalise_metric
 
 __all__ = ["PruneOutputs", "prune_stage", "stage_plan", "stage_layout", "kept_lengths", "reconstruct_nested", "layout_coords"]
 
@@ -146,7 +146,7 @@ def prune_stage(
     if sel.needs_key_metric and unit is None:
         raise ValueError(f"selection={config.selection!r} needs the matching metric (the block's attention keys)")
     scores = sel.score(ScoreInputs(h, h_prev, pos_in, unit, x0, plan, config.seed,
-                                   _segment_positions(layout, N, pos_in)))
+                                   _segment_positions(layout, N, pos_in), metric))
     strategy = "stratified" if (sel.grouped and first) else "topk"
     retain, _ = _retains(config, stage)
     keep_idx, rem_idx, plan = select_per_segment(scores, cur, retain, config.min_keep, plan, strategy)
@@ -165,9 +165,14 @@ def prune_stage(
         sizes = None if log_size is None else torch.exp(log_size)
         s_keep = None if sizes is None else gather_rows(sizes.unsqueeze(-1), keep_idx).squeeze(-1)
         s_rem = None if sizes is None else gather_rows(sizes.unsqueeze(-1), rem_idx).squeeze(-1)
-        new_sizes = absorb_sizes(nbr_idx, valid, h_keep.shape[1], s_keep, s_rem)
-        if merge.averages:
-            h_keep = merge_average(h_keep, h_rem, nbr_idx, new_sizes, s_keep, s_rem)
+        if merge.drops_at(config.schedule[stage][0], config.prune_layer):  # removed rows dropped: nothing absorbed
+            new_sizes = torch.ones(keep_idx.shape, device=h.device) if s_keep is None else s_keep.float()
+        else:
+            new_sizes = absorb_sizes(nbr_idx, valid, h_keep.shape[1], s_keep, s_rem)
+            if merge.averages and merge.norm_preserving:
+                h_keep = merge_mlerp(h_keep, h_rem, nbr_idx, valid, new_sizes, s_keep, s_rem)
+            elif merge.averages:
+                h_keep = merge_average(h_keep, h_rem, nbr_idx, new_sizes, s_keep, s_rem)
         out_log_size = torch.log(new_sizes)
     else:
         out_log_size = torch.zeros(keep_idx.shape, dtype=torch.float32, device=h.device)

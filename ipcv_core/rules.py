@@ -14,6 +14,9 @@ and whether it can run inside an exported graph (``exportable``).  New rules are
 A :class:`PlacementRule` says where in its block a stage sits (the block input, or between the
 attention's residual add and the FFN).
 
+ToMe is ``selection="bipartite"``, ``merge="average"``, ``placement="post_attention"``,
+``reconstruction="copy"`` with a stage at every block; ToFu the same with ``merge="tofu"``.
+DART(ViT) is ``selection="dart"``, ``reconstruction="copy"``, ``as_depth=0`` (the lmms-eval ``method=dart_vit``).
 The paper's method is ``selection="score"``, ``reconstruction="feature"``, ``merge="none"``,
 ``placement="block_input"``.
 """
@@ -26,7 +29,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from .selection import feature_difference_score
+from .selection import dart_segment_scores, feature_difference_score
 from .variants import bipartite_scores, hash_of
 
 __all__ = [
@@ -50,6 +53,9 @@ class ScoreInputs(NamedTuple):
     # (B, L) position of each row within its original segment (image / frame); None = ``positions``.
     # Hashed selections read it, so an image keeps the same tokens wherever it sits in a packed row.
     segment_positions: Optional[torch.Tensor] = None
+    # (B, L, C) the block's attention keys, head-averaged, not normalised (rules with needs_key_metric that
+    # read the keys' magnitude: DART's pivots by key L1 norm)
+    metric: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,13 @@ class MergeRule:
     averages: bool  # the absorbing row's value becomes the size-weighted mean
     description: str = ""
     proportional: bool = True  # with tracks_sizes: attention adds log(size) of every key (ToMe's proportional attention)
+    norm_preserving: bool = False  # with averages: MLERP (ToFu) — the mean's direction, the group's largest norm
+    # (layer, final_layer) -> True where the stage at ``layer`` of a schedule ending at ``final_layer`` drops its
+    # removed rows (no size or value absorbed: ToFu prunes early) instead of merging them
+    drops: Callable[[int, int], bool] = lambda layer, final_layer: False
+
+    def drops_at(self, layer: int, final_layer: int) -> bool:
+        return bool(self.drops(layer, final_layer))
 
     @property
     def attention_bias(self) -> bool:
@@ -123,6 +136,12 @@ def _bipartite(s: ScoreInputs) -> torch.Tensor:
     if s.unit_metric is None:
         raise ValueError("selection='bipartite' needs the matching metric (the block's attention keys)")
     return bipartite_scores(s.unit_metric, s.plan)
+
+
+def _dart(s: ScoreInputs) -> torch.Tensor:
+    if s.metric is None:
+        raise ValueError("selection='dart' needs the block's attention keys (its pivots are the keys of largest L1 norm)")
+    return dart_segment_scores(s.h, s.metric, s.plan)
 
 
 _lock = threading.Lock()
@@ -191,6 +210,10 @@ for _r in (
                   description="one hashed token per Z-order group"),
     SelectionRule("bipartite", _bipartite, needs_key_metric=True, max_removed_fraction=0.5,
                   description="ToMe's bipartite soft matching on the block's attention keys"),
+    SelectionRule("dart", _dart, needs_key_metric=True,
+                  description="DART(ViT): pivots by the block's key L1 norm, then the tokens least cosine-similar to "
+                              "them (ipcv_core.selection.dart_keep_mask); with reconstruction='copy', as_depth=0 the "
+                              "lmms-eval method dart_vit"),
 ):
     register_selection(_r)
 for _c in (
@@ -208,6 +231,10 @@ for _m in (
     MergeRule("average", True, True, "size_bias + the kept row's value becomes the size-weighted mean"),
     MergeRule("average_plain", True, True, "the size-weighted mean without proportional attention (an ablation)",
               proportional=False),
+    MergeRule("tofu", True, True, "ToFu: stages in the first third of the blocks up to the final stage (layer < "
+              "(prune_layer + 1) // 3) drop the removed rows, later ones merge with MLERP (the size-weighted mean's "
+              "direction, the group's largest norm); proportional attention",
+              norm_preserving=True, drops=lambda layer, final_layer: layer < (final_layer + 1) // 3),
 ):
     _MERGES[_m.name] = _m
 for _p in (

@@ -12,7 +12,11 @@ import torch
 
 from .segments import SegmentLayout, SegmentPlan, plan_segments
 
-__all__ = ["feature_difference_score", "select_per_segment", "compact", "gather_rows", "is_tracing"]
+__all__ = ["feature_difference_score", "select_per_segment", "compact", "gather_rows", "is_tracing", "dart_keep_mask",
+           "dart_segment_scores", "DART_PIVOTS"]
+
+#: DART(ViT)'s pivots per image (segment)
+DART_PIVOTS = 8
 
 
 def is_tracing() -> bool:
@@ -151,3 +155,61 @@ def select_per_segment(
 def gather_rows(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``h[b, idx[b, j], :]``: ``(B, N, D), (B, K) -> (B, K, D)``."""
     return torch.gather(h, 1, idx.unsqueeze(-1).expand(*idx.shape, h.shape[-1]))
+
+
+# ----------------------------------------------------------------------------- DART(ViT)
+def dart_keep_mask(h: torch.Tensor, keys: torch.Tensor, keep, num_pivots: int = DART_PIVOTS) -> torch.Tensor:
+    """DART's duplication-aware keep set over the prunable tokens of each row (Wen et al., *Stop Looking for
+    Important Tokens in Multimodal Language Models: Duplication Matters More*, 2025, arXiv 2502.11494, applied
+    at a ViT layer as in the IPCV paper).
+
+    Pivots: the ``min(num_pivots, keep)`` tokens whose attention keys have the largest L1 norm.  Then, pivot by
+    pivot, the not-yet-kept tokens *least* cosine-similar (on ``h``) to that pivot are kept, the budget
+    ``keep - #pivots`` split evenly over the pivots (earlier pivots get the remainder), so exactly ``keep``
+    tokens are kept.
+
+    Args:
+        h: ``(B, n, D)`` hidden states of the prunable tokens (cosine similarity).
+        keys: ``(B, n, C)`` their attention keys, head-averaged (pivot choice by L1 norm).
+        keep: tokens kept per row, ``1 <= keep <= n``.
+    Returns:
+        ``(B, n)`` bool with exactly ``keep`` True per row; the pivots are always kept.
+    """
+    B, n, _ = h.shape
+    if isinstance(keep, int) and isinstance(n, int) and not 1 <= keep <= n:
+        raise ValueError(f"keep must be in [1, {n}], got {keep}")
+    p = max(1, min(num_pivots, keep))
+    knorm = keys.float().abs().sum(-1)
+    pivots = torch.topk(knorm, p, dim=-1, sorted=True).indices  # (B, p)
+    hn = torch.nn.functional.normalize(h.float(), dim=-1)
+    piv = torch.gather(hn, 1, pivots.unsqueeze(-1).expand(B, p, hn.shape[-1]))
+    sim = piv @ hn.transpose(1, 2)  # (B, p, n) cosine
+    kept = torch.zeros(B, n, dtype=torch.bool, device=h.device).scatter(1, pivots, True)
+    budget = keep - p
+    for i in range(p):
+        take = (budget + (p - i) - 1) // (p - i)  # ceil of an even split of what is left
+        budget -= take
+        if take == 0:
+            continue
+        s = (-sim[:, i]).masked_fill(kept, float("-inf"))
+        idx = torch.topk(s, take, dim=-1).indices
+        kept = kept.scatter(1, idx, True)
+    return kept
+
+
+def dart_segment_scores(h: torch.Tensor, keys: torch.Tensor, plan: SegmentPlan,
+                        num_pivots: int = DART_PIVOTS) -> torch.Tensor:
+    """``(B, L)`` float32 keep scores whose top ``keep`` prunable rows of every segment of ``plan`` are DART's keep
+    set of that segment (:func:`dart_keep_mask`): 1 kept, 0 not; protected rows 1 (kept anyway).  ``h (B, L, D)``
+    the rows, ``keys (B, L, C)`` their head-averaged attention keys (raw, not unit-normalised)."""
+    B = h.shape[0]
+    parts = []
+    for s in plan.segments:
+        lo, hi = s.start + s.protected, s.start + s.length
+        if s.protected:
+            parts.append(torch.ones(B, s.protected, device=h.device))
+        if s.keep == 0:
+            parts.append(torch.zeros(B, hi - lo, device=h.device))
+        else:
+            parts.append(dart_keep_mask(h[:, lo:hi], keys[:, lo:hi], s.keep, num_pivots).float())
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

@@ -11,7 +11,7 @@ from typing import Tuple
 import torch
 
 __all__ = ["token_rc", "hash_scores", "hash_of", "zorder_groups", "stratified_top", "grid_coords", "absorb_sizes",
-           "merge_average", "bipartite_scores", "normalise_metric", "bipartite_redundancy", "budget_bucket"]
+           "merge_average", "merge_mlerp", "bipartite_scores", "normalise_metric", "bipartite_redundancy", "budget_bucket"]
 
 _M = 2**31
 
@@ -128,6 +128,23 @@ def merge_average(h_keep: torch.Tensor, h_rem: torch.Tensor, nbr_idx: torch.Tens
         hr = hr * size_rem.to(torch.float32).unsqueeze(-1)
     acc = hk.scatter_add(1, first, hr)
     return (acc / sizes.unsqueeze(-1)).to(h_keep.dtype)
+
+
+def merge_mlerp(h_keep: torch.Tensor, h_rem: torch.Tensor, nbr_idx: torch.Tensor, valid: torch.Tensor,
+                sizes: torch.Tensor, size_keep=None, size_rem=None) -> torch.Tensor:
+    """ToFu's norm-preserving merge (MLERP): a kept row that absorbs removed rows (each by its first
+    valid neighbour) takes the direction of the group's size-weighted mean (:func:`merge_average`)
+    and the largest L2 norm in the group (itself and what it absorbed); a kept row absorbing nothing
+    is returned unchanged.  Shapes as :func:`merge_average`; ``valid (B, R, k)``."""
+    B, K, D = h_keep.shape
+    avg = merge_average(h_keep, h_rem, nbr_idx, sizes, size_keep, size_rem).float()
+    first = nbr_idx[:, :, 0]
+    ok = valid[:, :, 0]
+    rem_norm = torch.linalg.vector_norm(h_rem.float(), dim=-1).masked_fill(~ok, 0.0)
+    max_norm = torch.linalg.vector_norm(h_keep.float(), dim=-1).scatter_reduce(1, first, rem_norm, "amax")
+    received = torch.zeros(B, K, device=h_keep.device).scatter_add(1, first, ok.float()) > 0
+    out = avg / torch.linalg.vector_norm(avg, dim=-1, keepdim=True).clamp_min(1e-12) * max_norm.unsqueeze(-1)
+    return torch.where(received.unsqueeze(-1), out, h_keep.float()).to(h_keep.dtype)
 
 
 def normalise_metric(metric: torch.Tensor) -> torch.Tensor:

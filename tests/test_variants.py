@@ -1,5 +1,7 @@
 """Variants beyond the paper: defining properties, and graph rewrite == eager driver for each."""
 
+import math
+
 import pytest
 import torch
 
@@ -350,3 +352,127 @@ def test_bipartite_in_the_eager_driver_needs_key_features():
     cfg = IPCVConfig(retain=0.6, prune_layer=1, as_depth=0, selection="bipartite", k=1)
     with pytest.raises(ValueError, match="key_features"):
         run_ipcv(h, blocks, cfg, layout)
+
+
+# ----------------------------------------------------------------------------- DART(ViT) as a selection rule
+DART = dict(selection="dart", reconstruction="copy", as_depth=0, k=1)
+
+
+@pytest.mark.parametrize("prune_layer,retain", [(1, 0.35), (2, 0.2)])
+def test_dart_rule_keeps_what_the_benchmark_dart_keeps(prune_layer, retain):
+    """selection='dart' in the eager driver keeps exactly run_dart's keep set (one scoring function,
+    ipcv_core.selection.dart_keep_mask, imported by the harness), and the kept rows' outputs are identical
+    (both run the later blocks on the kept rows only)."""
+    from benchmarks.baselines import selection as bsel
+    from benchmarks.methods import run_dart
+    from ipcv_core.selection import dart_keep_mask
+
+    assert bsel.dart_keep_mask is dart_keep_mask  # moved, not copied
+    spec = ViTSpec(depth=4)
+    m = SyntheticViT(spec).eval()
+    h, *_, layout = make_inputs(spec, [(6, 6)], 1, batch=2, packed=False)
+    with torch.no_grad():
+        ref = run_dart(h, m.branches(), retain, SegmentLayout.batched(1), prune_layer=prune_layer)
+        res = run_ipcv(h, m.branches(), IPCVConfig(retain=retain, prune_layer=prune_layer, **DART), layout)
+    assert torch.equal(res.keep_idx, ref.keep_idx)
+    D = h.shape[-1]
+    kept = lambda x: torch.gather(x, 1, ref.keep_idx.unsqueeze(-1).expand(-1, -1, D))
+    assert _rel(kept(res.hidden_states), kept(ref.hidden_states)) <= 1e-5
+    # every removed row is a copy (to fp32 rounding: NGR with one neighbour) of one kept row's final value
+    for b in range(2):
+        finals = res.hidden_states[b, ref.keep_idx[b, 1:]]
+        for r in res.rem_idx[b].tolist():
+            assert (res.hidden_states[b, r] - finals).norm(dim=-1).min() <= 1e-5 * finals.norm(dim=-1).max()
+
+
+def test_dart_rule_needs_the_keys():
+    x = torch.randn(1, 10, 4)
+    with pytest.raises(ValueError, match="selection='dart' needs"):
+        prune_stage(x, x, x, SegmentLayout(), IPCVConfig(retain=0.5, prune_layer=1, **DART), 0)
+
+
+def test_dart_rule_scores_each_segment_alone():
+    """Packed layout: every segment's keep set is DART's keep set of that segment on its own rows."""
+    from ipcv_core.segments import plan_segments
+    from ipcv_core.selection import dart_keep_mask, dart_segment_scores
+
+    torch.manual_seed(0)
+    layout = SegmentLayout.packed((1 + 20, 1 + 12), protected=1)
+    h, keys = torch.randn(1, 34, 8), torch.randn(1, 34, 6)
+    plan = plan_segments(layout, 34, 0.35)
+    s = dart_segment_scores(h, keys, plan)
+    assert s[0, 0] == 1 and s[0, 21] == 1  # protected
+    for start, n in ((1, 20), (22, 12)):
+        alone = dart_keep_mask(h[:, start:start + n], keys[:, start:start + n], math.ceil(0.35 * n))
+        assert torch.equal(s[:, start:start + n].bool(), alone)
+
+
+@pytest.mark.parametrize("case", ["batched-cls", "packed-rotary"])
+def test_dart_graph_equals_driver(captured, case):
+    cfg = IPCVConfig(retain=0.35, prune_layer=1, **DART)
+    rm, out, ref, res = _graph_vs_driver(captured[case], cfg)
+    assert _rel(out, ref) <= 1e-5
+    assert rm.report.inserted["ipcv_key_metric"] == 1 and rm.report.inserted["ipcv_prune"] == 1
+
+
+# ----------------------------------------------------------------------------- ToFu as a merge rule
+def test_mlerp_merge_equals_a_loop_reference():
+    """MLERP: a kept row absorbing removed rows takes the direction of the group's size-weighted mean and
+    the largest norm in the group; a kept row absorbing nothing (or only invalid neighbours) is unchanged."""
+    from ipcv_core.variants import merge_mlerp
+
+    g = torch.Generator().manual_seed(0)
+    B, K, R, D = 2, 4, 6, 5
+    hk, hr = torch.randn(B, K, D, generator=g), torch.randn(B, R, D, generator=g) * 3
+    nbr = torch.randint(0, K, (B, R, 2), generator=g)
+    nbr[:, :, 0] = torch.tensor([0, 0, 2, 2, 2, 1])  # row 3 absorbs nothing
+    valid = torch.ones(B, R, 2, dtype=torch.bool)
+    valid[1, 5, 0] = False  # batch row 1: row 1 absorbs nothing either
+    sk, sr = torch.rand(B, K, generator=g) + 1, torch.rand(B, R, generator=g) + 1
+    sizes = absorb_sizes(nbr, valid, K, sk, sr)
+    got = merge_mlerp(hk, hr, nbr, valid, sizes, sk, sr)
+    for b in range(B):
+        for j in range(K):
+            group = [i for i in range(R) if nbr[b, i, 0] == j and valid[b, i, 0]]
+            if not group:
+                assert torch.equal(got[b, j], hk[b, j])
+                continue
+            acc = sk[b, j] * hk[b, j] + sum(sr[b, i] * hr[b, i] for i in group)
+            avg = acc / (sk[b, j] + sum(sr[b, i] for i in group))
+            norm = max([hk[b, j].norm()] + [hr[b, i].norm() for i in group])
+            torch.testing.assert_close(got[b, j], avg / avg.norm() * norm, rtol=1e-5, atol=1e-6)
+
+
+def _tofu(depth, retain=0.35):
+    from ipcv_core.search import merge_family_config
+
+    return merge_family_config(retain, depth, first=0, k=1, merge="tofu", placement="post_attention",
+                               reconstruction="copy")
+
+
+def test_tofu_stages_drop_early_and_merge_with_mlerp_later():
+    spec = ViTSpec(depth=6, layerscale=True)
+    m = SyntheticViT(spec).eval()
+    h, *_, layout = make_inputs(spec, [(6, 6)], 1, batch=2, packed=False)
+    cfg = _tofu(6)
+    with torch.no_grad():
+        res = run_ipcv(h, m.branches(), cfg, layout)
+    drops = [cfg.merge_rule.drops_at(layer, cfg.prune_layer) for layer, _ in cfg.schedule]
+    assert drops == [True, True, False, False, False, False]  # layer < (5 + 1) // 3
+    n_rows = [37] + [st.keep_idx.shape[1] for st in res.stages]
+    for i, st in enumerate(res.stages):
+        sizes = torch.exp(st.log_size)
+        if drops[i]:  # pruned: nothing absorbed, every kept row still one token
+            torch.testing.assert_close(sizes, torch.ones_like(sizes))
+    # the dropped tokens are counted nowhere; every other original token exactly once
+    dropped = sum(n_rows[i] - n_rows[i + 1] for i in range(len(drops)) if drops[i])
+    torch.testing.assert_close(torch.exp(res.stages[-1].log_size).sum(1), torch.full((2,), 37.0 - dropped))
+    assert res.hidden_states.shape == h.shape and torch.isfinite(res.hidden_states).all()
+
+
+def test_tofu_graph_equals_driver(captured):
+    cfg = _tofu(4)
+    assert cfg.merge_rule.drops_at(0, cfg.prune_layer) and not cfg.merge_rule.drops_at(1, cfg.prune_layer)
+    rm, out, ref, _ = _graph_vs_driver(captured["batched-cls"], cfg)
+    assert _rel(out, ref) <= 1e-5
+    assert rm.report.inserted["ipcv_attention_bias"] >= 1

@@ -2,8 +2,9 @@
 keeps the top ``K`` per segment).
 
 * DART(ViT) — Wen et al., *Stop Looking for Important Tokens in Multimodal Language Models:
-  Duplication Matters More*, 2025 (arXiv 2502.11494), applied at a ViT layer as in the IPCV paper.
-  Pivots: the tokens whose attention keys have the largest L1 norm.  Then, pivot by pivot, the
+  Duplication Matters More*, 2025 (arXiv 2502.11494), applied at a ViT layer as in the IPCV paper;
+  the keep set is :func:`ipcv_core.selection.dart_keep_mask` (the library's ``selection="dart"`` rule,
+  re-exported here).  Pivots: the tokens whose attention keys have the largest L1 norm.  Then, pivot by pivot, the
   not-yet-kept tokens *least* cosine-similar to that pivot are kept (duplication-aware), the budget
   ``K - #pivots`` split evenly over the pivots (earlier pivots get the remainder), so exactly ``K``
   tokens are kept.  Our adaptation to a ViT: keys are those of block ``l_p`` at ``H_lp``, averaged
@@ -23,41 +24,10 @@ import zlib
 import torch
 
 from ipcv_core.rules import ScoreInputs, SelectionRule, register_selection
+from ipcv_core.selection import dart_keep_mask
 from ipcv_core.variants import hash_of
 
 __all__ = ["dart_keep_mask", "dart_scores", "row_seeds", "RANDOM_PER_IMAGE"]
-
-
-def dart_keep_mask(h: torch.Tensor, keys: torch.Tensor, keep: int, num_pivots: int = 8) -> torch.Tensor:
-    """DART's duplication-aware keep set over the prunable tokens of each row.
-
-    Args:
-        h: ``(B, n, D)`` hidden states of the prunable tokens (cosine similarity).
-        keys: ``(B, n, C)`` their attention keys (pivot choice by L1 norm).
-        keep: tokens kept per row, ``1 <= keep <= n``.
-    Returns:
-        ``(B, n)`` bool with exactly ``keep`` True per row; the pivots are always kept.
-    """
-    B, n, _ = h.shape
-    if not 1 <= keep <= n:
-        raise ValueError(f"keep must be in [1, {n}], got {keep}")
-    p = max(1, min(num_pivots, keep))
-    knorm = keys.float().abs().sum(-1)
-    pivots = torch.topk(knorm, p, dim=-1, sorted=True).indices  # (B, p)
-    hn = torch.nn.functional.normalize(h.float(), dim=-1)
-    piv = torch.gather(hn, 1, pivots.unsqueeze(-1).expand(B, p, hn.shape[-1]))
-    sim = piv @ hn.transpose(1, 2)  # (B, p, n) cosine
-    kept = torch.zeros(B, n, dtype=torch.bool, device=h.device).scatter(1, pivots, True)
-    budget = keep - p
-    for i in range(p):
-        take = (budget + (p - i) - 1) // (p - i)  # ceil of an even split of what is left
-        budget -= take
-        if take == 0:
-            continue
-        s = (-sim[:, i]).masked_fill(kept, float("-inf"))
-        idx = torch.topk(s, take, dim=-1).indices
-        kept = kept.scatter(1, idx, True)
-    return kept
 
 
 def dart_scores(h: torch.Tensor, keys: torch.Tensor, protected: int, keep: int, num_pivots: int = 8) -> torch.Tensor:
