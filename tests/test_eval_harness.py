@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from ipcv_adapters.eval import HARNESS_ONLY, MODELS, VIT_METHODS, CostMeter, parse_options, summarize
+from ipcv_adapters.eval import MODELS, CostMeter, parse_options, summarize
 from ipcv_core import IPCVConfig
 from ipcv_core.config import num_keep
 from ipcv_core.cost import LLMDims, ModelDims, config_flops, kv_cache_bytes, llm_prefill_flops
@@ -45,7 +45,7 @@ def test_entry_point_and_manifest_classes():
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     named = {c for pair in MODELS.values() for c in pair if c}
     assert named and named <= classes
-    assert set(MODELS) == {"ipcv_qwen2_vl", "ipcv_qwen2_5_vl", "ipcv_qwen3_vl"}
+    assert set(MODELS) == {"ipcv_qwen2_vl", "ipcv_qwen2_5_vl", "ipcv_qwen3_vl", "ipcv_internvl3", "ipcv_llava_onevision"}
 
 
 # --------------------------------------------------------------------------------------------- options
@@ -84,7 +84,9 @@ def test_options_tuned_config_path(tmp_path):
 @pytest.mark.parametrize("kw,message", [
     ({"retain": 1.5}, "--model_args retain must be a number in (0, 1]"),
     ({"retain": "half"}, "--model_args retain must be a number in (0, 1]"),
-    ({"method": "visionzip"}, "--model_args method must be one of ('ipcv', 'tome', 'random', 'none')"),
+    ({"method": "visionzip"}, "--model_args method must be one of ('ipcv', 'tome', 'tofu', 'dart_vit', 'random', 'none')"),
+    ({"method": "dart_vit", "selection": "score"}, "--model_args selection must be left out with method=dart_vit"),
+    ({"method": "dart_vit", "prune_layer": 0}, "IPCVConfig.prune_layer"),
     ({"llm": "sparsevlm"}, "--model_args llm must be one of ('none', 'dart', 'fastv')"),
     ({"llm": "dart", "llm_retain": 0}, "--model_args llm_retain must be a number in (0, 1]"),
     ({"llm_retain": 0.5}, "llm_retain must be left out when llm=none"),
@@ -100,12 +102,22 @@ def test_bad_options_name_the_argument(kw, message):
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("method", HARNESS_ONLY)
-def test_harness_only_baselines_are_rejected_with_the_supported_list(method):
-    with pytest.raises(ValueError) as e:
-        parse_options({"method": method})
-    assert f"method={method!r} is a baseline of the benchmark harness only" in str(e.value)
-    assert str(VIT_METHODS) in str(e.value)
+def test_tofu_option_is_tomes_schedule_with_the_tofu_merge_rule():
+    cfg = parse_options({"method": "tofu", "retain": 0.35}).vit_config(32)
+    tome = parse_options({"method": "tome", "retain": 0.35}).vit_config(32)
+    assert cfg == tome.replace(merge="tofu")  # same matching, placement, schedule and copy-unmerge
+    rule = cfg.merge_rule
+    assert [rule.drops_at(layer, cfg.prune_layer) for layer, _ in cfg.schedule] == [b < 32 // 3 for b in range(32)]
+    assert rule.norm_preserving and rule.attention_bias
+
+
+def test_dart_vit_option_is_the_dart_selection_rule():
+    o = parse_options({"method": "dart_vit", "retain": 0.35, "prune_layer": 2})
+    assert o.method == "dart_vit" and o.compresses_vit
+    cfg = o.vit_config(12)
+    assert cfg == IPCVConfig(retain=0.35, prune_layer=2, selection="dart", reconstruction="copy", as_depth=0, k=1)
+    assert cfg.needs_key_metric and cfg.reconstruction_rule.copies_neighbour
+    assert parse_options({"method": "dart_vit", "retain": 1.0}).vit_config(12) is None
 
 
 # --------------------------------------------------------------------------------------------- cost records
@@ -196,12 +208,13 @@ def test_uncompressed_model_records_vanilla_costs():
     assert rec["llm_prefill_flops"] == rec["llm_prefill_flops_vanilla"]
 
 
-def test_tome_config_rewrites_a_qwen_tower_and_generates():
+@pytest.mark.parametrize("method", ["tome", "tofu"])
+def test_merge_method_config_rewrites_a_qwen_tower_and_generates(method):
     import ipcv_adapters
     from ipcv_adapters.testing import qwen2vl_generate_inputs
 
     m = _tiny("qwen2_vl")
-    opts = parse_options({"method": "tome", "retain": 0.5})
+    opts = parse_options({"method": method, "retain": 0.5})
     cfg = opts.vit_config(m.config.vision_config.depth)
     ipcv_adapters.compress(m, vit_retain=0.5, vit_config=cfg, llm=None)
     meter = CostMeter(m)
@@ -212,3 +225,68 @@ def test_tome_config_rewrites_a_qwen_tower_and_generates():
     (rec,) = meter.take()
     assert rec["vit_patches_kept"] == math.ceil(0.5 * 64) and rec["vit_flops"] < rec["vit_flops_vanilla"]
     assert torch.isfinite(torch.tensor(rec["vit_flops"]))
+
+
+def test_dart_vit_rewrites_a_qwen_tower_and_generates():
+    """method=dart_vit through compress (the graph rewrite of the HF tower): keeps ceil(r n) patches, costs less."""
+    import ipcv_adapters
+    from ipcv_adapters.testing import qwen2vl_generate_inputs
+
+    m = _tiny("qwen2_vl")
+    cfg = parse_options({"method": "dart_vit", "retain": 0.35, "prune_layer": 1}).vit_config(m.config.vision_config.depth)
+    ipcv_adapters.compress(m, vit_retain=0.35, vit_config=cfg, llm=None)
+    meter = CostMeter(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = m.generate(**qwen2vl_generate_inputs([("image", (1, 8, 8)), ("image", (1, 4, 8))], max_new_tokens=2))
+    assert out.shape[1] > 0
+    (rec,) = meter.take()
+    assert rec["vit_patches_kept"] == num_keep(64, 0.35) + num_keep(32, 0.35)
+    assert 0 < rec["vit_flops"] < rec["vit_flops_vanilla"]
+
+
+@pytest.mark.parametrize("name,protected", [("internvl", 1), ("llava_onevision", 0)])
+def test_cost_records_of_tile_towers(name, protected):
+    """InternVL / LLaVA-OneVision towers run a batch of tiles: one segment per tile (CLS protected), recorded at
+    batch 1; at batch 2 the tile-to-row assignment is unknown and the ViT fields are left out."""
+    import ipcv_adapters
+    from ipcv_adapters.testing import IMAGE_SIZE, left_pad_batch, vlm_generate_inputs
+
+    m = _tiny(name)
+    cfg = IPCVConfig(retain=0.35, prune_layer=1, as_depth=2, k=4)
+    ipcv_adapters.compress(m, vit_retain=0.35, vit_config=cfg, llm="fastv", llm_retain=0.35, llm_layer=1)
+    images = [2, 1] if name == "internvl" else [(56, 56), (56, 112)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (LLaVA-OneVision's inputs ask the tower for the token counts: no meter yet)
+        one = [vlm_generate_inputs(m, name, [img], seed=i, max_new_tokens=2) for i, img in enumerate(images)]
+    meter = CostMeter(m)
+    v = m.config.vision_config
+    ffn = 2 * v.hidden_size * v.intermediate_size + v.intermediate_size + v.hidden_size  # fc1, fc2 + biases
+    vit = ModelDims(v.hidden_size, ffn_params=ffn, key_dim=v.hidden_size // v.num_attention_heads)
+    depth, side = v.num_hidden_layers, IMAGE_SIZE // 14
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kw in one:
+            m.generate(**kw)
+        singles = meter.take()
+        both = left_pad_batch(one)
+        if "image_sizes" in both:
+            both["image_sizes"] = torch.cat([kw["image_sizes"] for kw in one])
+        m.generate(**both)
+        batched = meter.take()
+    for kw, rec in zip(one, singles):
+        if name == "internvl":
+            tiles = kw["pixel_values"].shape[0]
+        else:  # AnyRes: the tiles the image's size needs (+ the base image), the padding tiles dropped
+            from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+            tiles = image_size_to_num_patches(kw["image_sizes"][0].tolist(), m.config.image_grid_pinpoints, IMAGE_SIZE)
+        assert rec["vit_grids"] == [["tile", 1, side, side]] * tiles
+        assert rec["vit_patches"] == tiles * side * side
+        assert rec["vit_patches_kept"] == tiles * num_keep(side * side, 0.35)
+        n = side * side + protected
+        assert rec["vit_flops"] == pytest.approx(tiles * config_flops(cfg, n, protected, depth, vit))
+        assert rec["vit_flops_vanilla"] == pytest.approx(tiles * config_flops(None, n, protected, depth, vit))
+        assert rec["llm_visual_tokens_kept"] == rec["llm_visual_tokens_kept_measured"] < rec["llm_visual_tokens"]
+    assert len(batched) == 2 and not any("vit_flops" in r or "vit_grids" in r for r in batched)
+    assert all(r["llm_visual_tokens_kept"] == r["llm_visual_tokens_kept_measured"] for r in batched)

@@ -1,5 +1,6 @@
-"""Fixtures of the lmms-eval tests (run in .venv-eval: `make test-eval`): tiny Qwen-family checkpoints saved
-offline (random weights, a BPE tokenizer trained on a few sentences: ipcv_adapters.vllm.testing.save_tiny_vlm)
+"""Fixtures of the lmms-eval tests (run in .venv-eval: `make test-eval`): tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL /
+InternVL3 / LLaVA-OneVision checkpoints saved offline (random weights, a BPE tokenizer trained on a few sentences:
+ipcv_adapters.eval.testing.save_tiny_eval_vlm)
 and a local lmms-eval task (`--include_path`) over a handful of images of ../shared/data, scored by exact match."""
 
 import json
@@ -82,13 +83,26 @@ def task_dir(tmp_path_factory):
     return d
 
 
+class _Checkpoints(dict):
+    """family -> path of a tiny checkpoint, saved on first use (ipcv_adapters.eval.testing.save_tiny_eval_vlm:
+    3 decoder layers, so llm_layer 1 or 2 fits; Qwen images at most 112x112 px, InternVL3 / LLaVA-OneVision
+    tiles of 56 px)."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family):
+        from ipcv_adapters.eval.testing import save_tiny_eval_vlm
+
+        extra = {"max_pixels": 112 * 112} if family.startswith("qwen") else {}
+        self[family] = save_tiny_eval_vlm(family, str(self.root / family), text_layers=3, **extra)
+        return self[family]
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
-    """family -> path of a tiny checkpoint (3 decoder layers: llm_layer 1 or 2 fits; images at most 112x112 px)."""
-    from ipcv_adapters.vllm.testing import save_tiny_vlm
-
-    d = tmp_path_factory.mktemp("ckpt")
-    return {f: save_tiny_vlm(f, str(d / f), text_layers=3, max_pixels=112 * 112) for f in ("qwen2_vl", "qwen2_5_vl")}
+    return _Checkpoints(tmp_path_factory.mktemp("ckpt"))
 
 
 def run_lmms_eval(model, model_args, task_dir, out, batch_size=1, extra=(), check=True, timeout=600):

@@ -15,9 +15,12 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List
 
+from lmms_eval.models.chat.internvl_hf import InternVLHf as _InternVLHfChat
+from lmms_eval.models.chat.llava_hf import LlavaHf as _LlavaHfChat
 from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL as _Qwen2_5_VLChat
 from lmms_eval.models.chat.qwen3_vl import Qwen3_VL as _Qwen3_VLChat
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from lmms_eval.models.simple.llava_hf import LlavaHf as _LlavaHf
 from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL as _Qwen2_5_VL
 from lmms_eval.models.simple.qwen2_vl import Qwen2_VL as _Qwen2_VL
 from lmms_eval.models.simple.qwen3_vl import Qwen3_VL as _Qwen3_VL
@@ -30,7 +33,7 @@ from .options import EvalOptions, parse_options
 from .stats import CostMeter, summarize
 
 __all__ = ["IPCVModel", "IPCVQwen2VL", "IPCVQwen2_5VL", "IPCVQwen2_5VLChat", "IPCVQwen3VL", "IPCVQwen3VLChat",
-           "install"]
+           "IPCVInternVL3Chat", "IPCVLlavaOneVision", "IPCVLlavaOneVisionChat", "install"]
 
 PREFIX = "ipcv_"
 
@@ -97,3 +100,17 @@ class IPCVQwen3VL(IPCVModel, _Qwen3_VL):
 
 class IPCVQwen3VLChat(IPCVModel, _Qwen3_VLChat):
     """lmms-eval's ``qwen3_vl`` (chat) with ipcv."""
+
+
+class IPCVInternVL3Chat(IPCVModel, _InternVLHfChat):
+    """lmms-eval's ``internvl_hf`` (chat only; transformers' ``InternVLForConditionalGeneration``, the ``-hf``
+    checkpoints of InternVL3 / InternVL3.5, loaded in bf16 by lmms-eval) with ipcv.  The paper pairs InternVL3's
+    tower with FastV in the language model (``llm=fastv``)."""
+
+
+class IPCVLlavaOneVision(IPCVModel, _LlavaHf):
+    """lmms-eval's ``llava_hf`` (simple; transformers' LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision) with ipcv."""
+
+
+class IPCVLlavaOneVisionChat(IPCVModel, _LlavaHfChat):
+    """lmms-eval's ``llava_hf`` (chat) with ipcv."""

@@ -10,10 +10,14 @@
   ``tome`` (ToMe as a graph rewrite: bipartite soft matching on the attention keys between attention
   and FFN of every block, size-weighted merge with proportional attention, ToMe's copy-unmerge at the
   end — :func:`ipcv_core.search.merge_family_config` with ``placement="post_attention"``,
-  ``reconstruction="copy"``), ``none`` (the tower unchanged: the LLM-only rows such as DART), or the
-  path of a config JSON written by ``ipcv tune`` (its own ``retain``).  ``tofu`` and ``dart_vit`` exist
-  only as eager runners of the benchmark harness (``benchmarks/methods.py``) and are rejected with the
-  supported list.
+  ``reconstruction="copy"``), ``dart_vit`` (DART(ViT) at ``prune_layer``: pivots by the block's key L1
+  norm, then the tokens least similar to them — the selection rule ``"dart"`` of :mod:`ipcv_core.rules` —
+  later blocks on the kept rows only (``as_depth=0``), every removed token a copy of its nearest kept
+  token's final value, nearest by cosine of the block's keys (``reconstruction="copy"``, ``k=1``)),
+  ``tofu`` (ToFu as a graph rewrite: ToMe's matching and schedule, the stages in the first third of the
+  blocks drop their matched tokens, later ones merge with MLERP — ``merge="tofu"``), ``none`` (the tower
+  unchanged: the LLM-only rows such as DART), or the path of a config JSON written by ``ipcv tune`` (its own
+  ``retain``).
 * ``llm``: ``none`` | ``dart`` | ``fastv`` (LLM-side pruning, :func:`ipcv_adapters.compress`);
   ``llm_retain`` (default: ``retain``) and ``llm_layer`` (default 2, the paper's K).
 * ``ipcv_stats``: a path; when given, every generated sample's cost record is appended there (JSON lines).
@@ -30,13 +34,15 @@ from typing import Any, Dict, Optional, Tuple
 
 from ipcv_core.config import IPCVConfig
 
-__all__ = ["EvalOptions", "parse_options", "OUR_ARGS", "VIT_METHODS", "LLM_METHODS", "HARNESS_ONLY"]
+__all__ = ["EvalOptions", "parse_options", "OUR_ARGS", "VIT_METHODS", "LLM_METHODS", "DART_VIT"]
 
-VIT_METHODS = ("ipcv", "tome", "random", "none")
+VIT_METHODS = ("ipcv", "tome", "tofu", "dart_vit", "random", "none")
 LLM_METHODS = ("none", "dart", "fastv")
-#: baselines of the benchmark harness that have no graph rewrite for a transformers VLM tower
-HARNESS_ONLY = ("tofu", "dart_vit")
+#: the gradual-merging baselines: method -> the merge rule of their every-block schedule
+MERGE_METHODS = {"tome": "average", "tofu": "tofu"}
 OUR_ARGS = ("retain", "method", "llm", "llm_retain", "llm_layer", "ipcv_stats")
+#: DART(ViT) in the library's variant rules (``prune_layer`` etc. may be given beside ``method=dart_vit``)
+DART_VIT = dict(selection="dart", reconstruction="copy", as_depth=0, k=1)
 # IPCVConfig fields that a comma-separated --model_args cannot carry (use a config JSON path)
 _STRUCTURED = ("stages", "extras")
 
@@ -80,11 +86,13 @@ class EvalOptions:
             return IPCVConfig(retain=self.retain, **f)
         if self.method == "random":
             return IPCVConfig(retain=self.retain, **{"selection": "random", **f})
-        # tome: ToMe's gradual merging from block 0, as a graph rewrite
+        if self.method == "dart_vit":
+            return IPCVConfig(retain=self.retain, **{**DART_VIT, **f})
+        # tome / tofu: gradual merging from block 0, as a graph rewrite
         from ipcv_core.search import merge_family_config
 
-        cfg = merge_family_config(self.retain, depth, first=0, k=1, merge="average", placement="post_attention",
-                                  reconstruction="copy")
+        cfg = merge_family_config(self.retain, depth, first=0, k=1, merge=MERGE_METHODS[self.method],
+                                  placement="post_attention", reconstruction="copy")
         return cfg.replace(**f) if f else cfg
 
     def describe(self) -> Dict[str, Any]:
@@ -115,11 +123,6 @@ def parse_options(kwargs: Dict[str, Any]) -> EvalOptions:
     config = None
     path = None
     m = method.strip().lower()
-    if m in HARNESS_ONLY:
-        raise ValueError(
-            f"ipcv lmms-eval model: --model_args method={method!r} is a baseline of the benchmark harness only "
-            f"(benchmarks/methods.py runs it eagerly over a block list; the library has no graph rewrite of it for a "
-            f"transformers VLM tower); supported methods: {VIT_METHODS} or the path of an IPCVConfig JSON")
     if m in VIT_METHODS:
         method = m
     elif method.endswith(".json") or os.path.exists(method):
@@ -153,9 +156,13 @@ def parse_options(kwargs: Dict[str, Any]) -> EvalOptions:
         raise _bad("llm_layer", "an int >= 1 (and < the number of decoder layers)", llm_layer)
     if stats is not None and not isinstance(stats, str):
         raise _bad("ipcv_stats", "a file path", stats)
+    if method == "dart_vit":
+        for k in sorted(set(fields) & {"selection", "reconstruction"}):
+            if fields[k] != DART_VIT[k]:
+                raise _bad(k, f"left out with method=dart_vit (DART(ViT) is {k}={DART_VIT[k]!r})", fields[k])
     # the fields themselves: IPCVConfig validates them (its message names the field)
     try:
-        probe = IPCVConfig(retain=retain, **fields)
+        probe = IPCVConfig(retain=retain, **{**(DART_VIT if method == "dart_vit" else {}), **fields})
     except TypeError as e:
         raise ValueError(f"ipcv lmms-eval model: --model_args: {e}") from e
     except ValueError as e:

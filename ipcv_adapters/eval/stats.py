@@ -5,7 +5,10 @@ Table 4, from the project's one cost model (:mod:`ipcv_core.cost`) and from what
 Every ``generate`` starts with a *prefill* forward (empty cache); for it the meter records, per batch row:
 
 * ViT (Qwen family: one IPCV segment per frame of ``h·w`` patches; ``vit_grids``: ``[kind, t, h, w]`` of every
-  image / video the tower encoded for the sample): ``vit_patches``, ``vit_patches_kept`` (the rows the pruned blocks run on: the final
+  image / video the tower encoded for the sample; towers over a batch of tiles — InternVL, LLaVA-OneVision — one
+  segment per tile, ``["tile", 1, h, w]``, recorded at batch size 1 only: the wrappers of those families run
+  batch 1, and at batch > 1 which row a tile belongs to is not known, so the ViT fields are left out):
+  ``vit_patches``, ``vit_patches_kept`` (patches, protected tokens such as CLS not counted; the rows the pruned blocks run on: the final
   stage's ``K = ceil(r·n)`` per segment; IPCV reintegrates the rest, so the merger and the LLM still get
   every token), ``vit_flops`` / ``vit_flops_vanilla`` — :func:`~ipcv_core.cost.config_flops` of the tower's
   block stack under its resolved configuration / unchanged (patch embedding and merger are the same for
@@ -26,7 +29,6 @@ The meter keeps its records on itself (not on a module); :meth:`take` hands them
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -100,9 +102,12 @@ class CostMeter:
                 self.adapter, base = find_adapter(tower), tower
             except Exception:
                 self.adapter = base = None
+        self.patch = None
         if self.adapter is not None:
             self.vit_dims = tower_dims(self.adapter, base)
             self.depth = self.adapter.depth
+            p = getattr(base.config, "patch_size", None)
+            self.patch = (int(p), int(p)) if isinstance(p, int) else tuple(int(v) for v in p) if p else None
         vcfg = getattr(model.config, "vision_config", None)
         self.merge = int(getattr(vcfg, "spatial_merge_size", 1) or 1)
         self.records: List[Dict[str, Any]] = []
@@ -139,8 +144,13 @@ class CostMeter:
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
         _sync(device)
-        grids = [tuple(int(v) for v in g) for g in grid.tolist()] if isinstance(grid, torch.Tensor) else None
-        self._vision.append({"grids": grids, "t0": time.perf_counter(), "device": device, "seconds": 0.0})
+        if isinstance(grid, torch.Tensor):  # the Qwen family: packed patches, one (t, h, w) per image / video
+            grids, kind = [tuple(int(v) for v in g) for g in grid.tolist()], None
+        elif isinstance(x, torch.Tensor) and x.dim() == 4 and self.patch:  # a batch of images / tiles (B, C, H, W)
+            grids, kind = [(1, x.shape[2] // self.patch[0], x.shape[3] // self.patch[1])] * x.shape[0], "tile"
+        else:
+            grids, kind = None, None
+        self._vision.append({"grids": grids, "kind": kind, "t0": time.perf_counter(), "device": device, "seconds": 0.0})
         return None
 
     def _tower_post(self, module, args, kwargs, output):
@@ -254,13 +264,21 @@ class CostMeter:
         for kind in ("image", "video"):
             tok = getattr(cfg, kind + "_token_id", None)
             counts[kind] = [int(((ids[r] == tok) & mask[r]).sum()) if tok is not None else 0 for r in range(B)]
+        per_row = [dict(vit_grids=[], vit_patches=0, vit_patches_kept=0, vit_flops=0.0, vit_flops_vanilla=0.0)
+                   for _ in range(B)]
+        tiles = [g for c in vision if c["kind"] == "tile" for g in c["grids"]]
+        if tiles:  # towers over a batch of tiles: which row a tile belongs to is known for one row only
+            if B != 1:
+                return [{} for _ in range(B)]
+            for t, h, w in tiles:
+                per_row[0]["vit_grids"].append(["tile", t, h, w])
+                self._add_segments(per_row[0], t, h * w)
+            return per_row
         calls = [c["grids"] for c in vision if c["grids"]]
         kinds = []
         for grids in calls:
             n = sum(t * h * w for t, h, w in grids) // self.merge ** 2
             kinds.append("image" if "image" not in kinds and n == sum(counts["image"]) and n > 0 else "video")
-        per_row = [dict(vit_grids=[], vit_patches=0, vit_patches_kept=0, vit_flops=0.0, vit_flops_vanilla=0.0)
-                   for _ in range(B)]
         for kind, grids in zip(kinds, calls):
             queue = list(grids)
             for r in range(B):
@@ -272,13 +290,14 @@ class CostMeter:
                     self._add_segments(per_row[r], t, h * w)
         return per_row
 
-    def _add_segments(self, rec: Dict[str, Any], frames: int, n: int) -> None:
-        cfg = self.vit_config
-        kept = num_keep(n - self.adapter.protected, cfg.retain, cfg.min_keep) + self.adapter.protected if cfg is not None else n
-        rec["vit_patches"] += frames * n
+    def _add_segments(self, rec: Dict[str, Any], frames: int, patches: int) -> None:
+        """``frames`` segments of ``patches`` patches each (plus the tower's protected tokens, e.g. CLS)."""
+        cfg, prot = self.vit_config, self.adapter.protected
+        kept = num_keep(patches, cfg.retain, cfg.min_keep) if cfg is not None else patches
+        rec["vit_patches"] += frames * patches
         rec["vit_patches_kept"] += frames * kept
-        rec["vit_flops"] += frames * config_flops(cfg, n, self.adapter.protected, self.depth, self.vit_dims)
-        rec["vit_flops_vanilla"] += frames * config_flops(None, n, self.adapter.protected, self.depth, self.vit_dims)
+        rec["vit_flops"] += frames * config_flops(cfg, patches + prot, prot, self.depth, self.vit_dims)
+        rec["vit_flops_vanilla"] += frames * config_flops(None, patches + prot, prot, self.depth, self.vit_dims)
 
 
 _SUMMED = ("vit_patches", "vit_patches_kept", "vit_flops", "vit_flops_vanilla", "llm_prompt_tokens", "llm_visual_tokens",
