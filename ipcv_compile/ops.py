@@ -256,8 +256,9 @@ def _segment_attention(q, k, v, attn_mask=None, q_groups=None, kv_groups=None, *
     """SDPA within each segment (:func:`ipcv_core.attention.segment_attention`): equal runs of
     segments as one batched SDPA, no mask across segments; ``q_groups`` / ``kv_groups`` restrict
     each segment's attention to rows of the same group (attention windows)."""
-    return _core_segment_attention(q, k, v, attn_mask, q_lengths=q_lengths, kv_lengths=kv_lengths, q_prefix=q_prefix,
-                             scale=scale, enable_gqa=enable_gqa, q_groups=q_groups, kv_groups=kv_groups)
+    return _core_segment_attention(q, k, v, attn_mask, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                                   q_prefix=q_prefix, scale=scale, enable_gqa=enable_gqa, q_groups=q_groups,
+                                   kv_groups=kv_groups)
 
 
 _IMPLS = {"prune": _prune, "ngr": _ngr, "segment_concat": _segment_concat,

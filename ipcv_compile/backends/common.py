@@ -289,7 +289,6 @@ def check_fixed_inputs(metadata: Dict[str, Any], given: Dict[str, Any], where: s
                              f"export one file per {name}")
 
 
-
 def default_artifact_path(backend: str, suffix: str) -> str:
     import tempfile
 

@@ -143,6 +143,14 @@ def _split_projection(ab: _Block, start: fx.Node, full_attn_in: fx.Node) -> None
     split_fused_projection(ctx, proj, full_attn_in, ab.attn_in, ab.rows, ab.stage)
 
 
+def _kept_mask_rows(ab: _Block, core: fx.Node, qdim: Optional[int]) -> None:
+    """The core's mask keeps the first ``K_i`` query rows of each segment along ``qdim`` (None: the
+    mask has no token dim there, nothing to do)."""
+    if qdim is not None:
+        with ab.ctx.g.inserting_before(core):
+            set_mask(core, ab.prefix_rows(mask_of(core), qdim, f"{core.name}_mask_kept"))
+
+
 def _narrow_one_stage(ab: _Block) -> None:
     ctx, blk, st, td = ab.ctx, ab.blk, ab.st, ab.ctx.gmap.token_dim
     with ctx.g.inserting_before(blk.nodes[0]):
@@ -150,23 +158,22 @@ def _narrow_one_stage(ab: _Block) -> None:
                          dict(token_dim=td), f"ipcv_ngr_as{blk.index}")
         x_all = ctx.concat_rows(ab.rows, rec, td, ab.stage, f"ipcv_rows_as{blk.index}")
     full_attn_in = _copy_attention_input(ab, x_all)
-    mask_qdim = {c: ab.token_mask_dim(c) for c in ab.cores if ab.token_mask_dim(c) is not None}
+    # each core's mask, read before the rewrite of its queries (its query rows follow them)
+    mask_qdim = {c: ab.token_mask_dim(c) for c in ab.cores}
     replace_side_inputs(list(blk.attn_nodes) + ab.copies, ab.done.side(ab.stage, "as"))
     prefix = []
     for core in ab.cores:
         if not narrow_queries(ab, core, full_attn_in):
             prefix.append(core)
-        elif core in mask_qdim:  # compact queries: the mask's query rows too
-            with ctx.g.inserting_before(core):
-                set_mask(core, ab.prefix_rows(mask_of(core), mask_qdim[core], f"{core.name}_mask_kept"))
+        else:  # compact queries: the mask's query rows too
+            _kept_mask_rows(ab, core, mask_qdim[core])
     full, kept = ctx.layout.lengths, ctx.lengths(ab.stage)
     if full is None:  # one segment per row: the kept rows are the first K of every row
         for core in prefix:
             q = core.args[0]
             with ctx.g.inserting_before(core):
                 core.args = (ab.prefix_rows(q, q.meta["val"].dim() - 2, f"{q.name}_kept"),) + tuple(core.args[1:])
-                if core in mask_qdim:
-                    set_mask(core, ab.prefix_rows(mask_of(core), mask_qdim[core], f"{core.name}_mask_kept"))
+            _kept_mask_rows(ab, core, mask_qdim[core])
             ctx.report.query_gathers += 1
         return
     as_rows = ab.done.as_positions[ab.stage]

@@ -50,7 +50,7 @@ from .attention_stabilisation import AttentionStabilisationPass
 from .context import RewriteContext, RewriteError, RewriteReport
 from .nodes import Rewritten
 from .insert_stages import InsertStagesPass
-from .key_metric import KeyMetricPass
+from .key_metric import KeyMetricPass, check_key_metric_cores
 from .reintegrate import ReintegratePass
 from .segment_attention import SegmentAttentionPass
 from .side_inputs import GatherSideInputsPass, UseSideInputsPass
@@ -125,11 +125,7 @@ class IPCVRewritePass(PassBase):
         if self.config.needs_grid and self.layout.grids is None:
             raise RewriteError(f"selection={self.config.selection!r} / reconstruction={self.config.reconstruction!r} "
                                "need the patch grid: give SegmentLayout(grids=...) (adapters supply it per call)")
-        if self.config.needs_key_metric:
-            for blk in gmap.blocks:
-                if len(blk.attn_cores) != 1:
-                    raise RewriteError(f"selection={self.config.selection!r} needs exactly one attention core (SDPA) "
-                                       f"in block {blk.index}, found {len(blk.attn_cores)}")
+        check_key_metric_cores(self.config, gmap)  # before any pass changes the graph
 
     def ensures(self, gm: fx.GraphModule) -> None:
         gm.graph.lint()

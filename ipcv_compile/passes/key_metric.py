@@ -12,13 +12,15 @@ from typing import Dict, List, Tuple
 
 from torch import fx
 
+from ipcv_core.config import IPCVConfig
+
 from .. import ops as ipcv_ops
-from ..locate import BlockInfo, ancestors_within, descendants_within
+from ..locate import BlockInfo, GraphMap, ancestors_within, descendants_within
 from .context import RewriteContext, RewriteError, RewriteStep
 from .nodes import Rewritten, node_order, tag
 from .side_inputs import gather_side_inputs
 
-__all__ = ["KeyMetricPass"]
+__all__ = ["KeyMetricPass", "check_key_metric_cores"]
 
 
 def _hoist(blk: BlockInfo, prune: fx.Node, anc: set, env: Dict[fx.Node, fx.Node], x_keep: fx.Node) -> None:
@@ -49,10 +51,8 @@ def copy_key_path(ctx: RewriteContext, blk: BlockInfo, st: Dict[str, fx.Node],
                   side_map: Dict[fx.Node, fx.Node]) -> Tuple[fx.Node, List[fx.Node]]:
     """The block's attention keys on the rows entering stage ``st`` (its prune's input), reading
     ``side_map`` (side inputs at those rows), inserted before the prune; for a fused qkv projection
-    the copy computes q and v too.  Returns ``(metric, copies)``."""
-    if len(blk.attn_cores) != 1:
-        raise RewriteError(f"selection={ctx.config.selection!r} needs exactly one attention core (SDPA) in block "
-                           f"{blk.index}, found {len(blk.attn_cores)}")
+    the copy computes q and v too.  Returns ``(metric, copies)``.  The block holds one attention
+    core (:func:`check_key_metric_cores`, the pass's precondition)."""
     prune, x_keep = st["prune"], st["x_keep"]
     key = blk.attn_cores[0].args[1]
     anc = ancestors_within(key, set(blk.nodes))
@@ -74,6 +74,17 @@ def copy_key_path(ctx: RewriteContext, blk: BlockInfo, st: Dict[str, fx.Node],
     return metric, copies
 
 
+def check_key_metric_cores(config: IPCVConfig, gmap: GraphMap) -> None:
+    """Key-metric selections read one attention's keys per block: every block must hold exactly one
+    attention core (SDPA)."""
+    if not config.needs_key_metric:
+        return
+    for blk in gmap.blocks:
+        if len(blk.attn_cores) != 1:
+            raise RewriteError(f"selection={config.selection!r} needs exactly one attention core (SDPA) "
+                               f"in block {blk.index}, found {len(blk.attn_cores)}")
+
+
 def _set_metric(prune: fx.Node, metric: fx.Node) -> None:
     prune.args = prune.args[:4] + (metric,) + prune.args[5:]
 
@@ -83,11 +94,7 @@ class KeyMetricPass(RewriteStep):
 
     def requires(self, gm: fx.GraphModule) -> None:
         ctx = RewriteContext.of(gm)
-        if ctx.config.needs_key_metric:
-            bad = [(b.index, len(b.attn_cores)) for b in ctx.gmap.blocks if len(b.attn_cores) != 1]
-            if bad:
-                raise RewriteError(f"selection={ctx.config.selection!r} needs exactly one attention core (SDPA) "
-                                   f"in block {bad[0][0]}, found {bad[0][1]}")
+        check_key_metric_cores(ctx.config, ctx.gmap)
 
     def run(self, ctx: RewriteContext) -> bool:
         if not ctx.config.needs_key_metric:

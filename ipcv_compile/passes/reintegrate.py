@@ -23,7 +23,7 @@ class ReintegratePass(RewriteStep):
             return False
         done = Rewritten.read(ctx.g)
         changed = False
-        last = ctx.schedule[len(ctx.schedule) - 1]
+        last = ctx.schedule[-1]
         for plan in ctx.pruned():
             if plan is last:
                 users: List[fx.Node] = list(ctx.gmap.final_users)

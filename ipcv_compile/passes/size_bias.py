@@ -3,7 +3,6 @@ stage's kept rows (not an AS block) adds ``log(size)`` of its keys (``ipcv.atten
 
 from __future__ import annotations
 
-
 from .. import ops as ipcv_ops
 from .context import RewriteContext, RewriteStep
 from .nodes import Rewritten, mask_of, set_mask
