@@ -261,7 +261,6 @@ class IPCVTower(nn.Module):
         self.register_load_state_dict_pre_hook(_child_keys)
         self.adapter = adapter
         self.ipcv_schedule: Schedule = schedule
-        self.ipcv_config = schedule.config
         # one capture per set of tapped blocks, shared by with_config() copies; the pass's
         # postcondition on the rows every block sees (a fake-tensor run of the graph) is verified on
         # this tower's first rewrite (later layouts go through the same steps)
@@ -271,6 +270,12 @@ class IPCVTower(nn.Module):
         self.capture_for(adapter.default_taps)
         if not adapter.packed and not self.ipcv_config.needs_grid:  # one graph for every batch and image size
             self.graph_for(self._batched_layout)
+
+    @property
+    def ipcv_config(self) -> IPCVConfig:
+        """The resolved config (``ipcv_schedule.config``); another config is another tower
+        (:meth:`with_config`)."""
+        return self.ipcv_schedule.config
 
     @property
     def cache_size(self) -> int:

@@ -162,6 +162,8 @@ def test_the_config_is_resolved_once_into_the_towers_schedule(dinov2, monkeypatc
     rt = ipcv_compile.rewrite(t, retain=0.5, prune_layer=1)  # as_depth: the tower's default, clipped
     assert calls.count("IPCVConfig") == 1, calls  # later builds only re-lay a Schedule (taps)
     assert rt.ipcv_schedule.config is rt.ipcv_config and rt.ipcv_config.as_depth == 3
+    with pytest.raises(AttributeError):  # derived from the schedule: another config is another tower
+        rt.ipcv_config = rt.ipcv_config.replace(retain=0.2)
     args, kwargs = tower_inputs("dinov2", batch=1)
     rt(*args, **kwargs)
     assert calls.count("IPCVConfig") == 1, calls
